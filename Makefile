@@ -1,0 +1,38 @@
+# One command to set up and run the main job, one to set up and run the tests.
+#   make demo   -> virtualenv + soljax + embedded assets, then `soljax demo`
+#   make test   -> the same plus test extras (torch for cross-checks), then pytest
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: install install-dev setup demo test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,torch]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+setup: install
+	$(BIN)/soljax setup
+
+demo: install
+	$(BIN)/soljax demo
+
+test: install-dev
+	$(BIN)/soljax setup
+	SOLJAX_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Pallas kernels for soljax, each beside a pure-JAX reference with the same signature."""

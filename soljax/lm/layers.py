@@ -1,0 +1,94 @@
+"""Numerical building blocks of the LM: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soljax.lm.config import LMConfig
+
+NEG_INF = -jnp.inf
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis; statistics in fp32, scale applied in the input dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LMConfig) -> np.ndarray:
+    """Inverse RoPE frequencies ``[head_dim // 2]`` (float32), with the configured scaling."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs.rope_type == "llama3":
+        old = rs.original_max_position_embeddings
+        low_wavelen = old / rs.low_freq_factor
+        high_wavelen = old / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE on ``[B, T, H, Dh]`` at integer positions ``[B, T]``."""
+    angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles).astype(x_bthd.dtype), jnp.sin(angles).astype(x_bthd.dtype)
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos + rotated * sin
+
+
+def project_qkv(lp: dict, x_btd: jax.Array, positions_bt: jax.Array, cfg: LMConfig, inv_freq):
+    """Query/key/value projections of one layer, after qk-norm and RoPE.
+
+    Returns ``q [B, T, Hq, Dh]``, ``k [B, T, Hkv, Dh]``, ``v [B, T, Hkv, Dh]``.
+    """
+    q = jnp.einsum("btd,dhk->bthk", x_btd, lp["wq"])
+    k = jnp.einsum("btd,dhk->bthk", x_btd, lp["wk"])
+    v = jnp.einsum("btd,dhk->bthk", x_btd, lp["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+
+
+def output_proj(lp: dict, attn_bthk: jax.Array, cfg: LMConfig) -> jax.Array:
+    out = jnp.einsum("bthk,hkd->btd", attn_bthk, lp["wo"])
+    return out + lp["bo"] if cfg.o_bias else out
+
+
+def mlp(lp: dict, x_btd: jax.Array) -> jax.Array:
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+    gate = jnp.einsum("btd,df->btf", x_btd, lp["w_gate"])
+    up = jnp.einsum("btd,df->btf", x_btd, lp["w_up"])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, lp["w_down"])
+
+
+def grouped_logits(q_bthk: jax.Array, k_bshk: jax.Array) -> jax.Array:
+    """Scaled attention logits ``[B, Hkv, G, T, S]`` in fp32; query heads grouped over KV heads."""
+    B, T, Hq, Dh = q_bthk.shape
+    Hkv = k_bshk.shape[2]
+    q = q_bthk.reshape(B, T, Hkv, Hq // Hkv, Dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_bshk, preferred_element_type=jnp.float32)
+    return logits * (1.0 / math.sqrt(Dh))
+
+
+def grouped_values(probs_bkgts: jax.Array, v_bshk: jax.Array) -> jax.Array:
+    """Attention output ``[B, T, Hq, Dh]`` from probabilities ``[B, Hkv, G, T, S]``."""
+    B, Hkv, G, T, _ = probs_bkgts.shape
+    out = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bshk.dtype), v_bshk)
+    return out.reshape(B, T, Hkv * G, v_bshk.shape[-1])

@@ -1,0 +1,152 @@
+"""Shared test setup: offline, CPU-only JAX, tiny Hugging Face models, the embedded model.
+
+Fixtures:
+
+- ``tiny_hf_model``: a factory ``make(arch, **options) -> TinyHF`` that builds a tiny random
+  ``transformers`` model (fp32, eager attention) with enlarged random weights, saves it as a Hugging
+  Face directory (``config.json``, ``model.safetensors``, ``tokenizer.json``) and returns the
+  directory together with the live torch model. Needs torch; tests using it skip without it.
+- ``embedded_model``: ``(cfg, params, tokenizer)`` of the converted embedded SmolLM2 model. Skips
+  when the GGUF is not in the cache, unless ``SOLJAX_REQUIRE_ASSETS=1`` (then it fails).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REQUIRE_ASSETS = os.environ.get("SOLJAX_REQUIRE_ASSETS") == "1"
+
+
+def skip_or_fail(message: str):
+    """Skips the test, or fails it when ``SOLJAX_REQUIRE_ASSETS=1`` (assets must be present)."""
+    if REQUIRE_ASSETS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_torch():
+    """Imports and returns torch, skipping the test (cleanly) when torch/transformers are absent."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return torch
+
+
+# ----------------------------------------------------------------------------- tiny HF models
+
+
+def make_tokenizer_json(vocab_size: int) -> str:
+    """A word-level tokenizer with exactly ``vocab_size`` entries (``<unk>``, then ``w1``, ``w2``...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    assert tok.get_vocab_size() == vocab_size
+    return tok.to_str()
+
+
+@dataclasses.dataclass
+class TinyHF:
+    """A saved tiny HF model: ``path`` (the HF directory), ``model`` (torch, eval, fp32, eager)."""
+
+    path: Path
+    model: object
+    hf_config: dict
+
+    def logits(self, ids) -> "object":
+        """transformers' fp32 logits ``[B, T, V]`` (numpy) of full unpadded sequences ``ids``."""
+        import numpy as np
+        import torch
+
+        with torch.no_grad():
+            out = self.model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits
+        return out.float().numpy()
+
+
+TINY_DEFAULTS = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     rms_norm_eps=1e-5)
+
+
+def build_tiny_hf(out: Path, arch: str = "llama", *, seed: int = 0, weight_std: float = 0.15,
+                  **overrides) -> TinyHF:
+    """Builds a tiny random ``arch`` model (llama / qwen2 / qwen3), saves it to ``out``.
+
+    ``overrides`` are config fields (``tie_word_embeddings``, ``rope_parameters``, ``head_dim``,
+    ``attention_bias``...). Every weight is redrawn: matrices and biases ~ N(0, weight_std), norm
+    scales ~ 1 + N(0, 0.3), embeddings ~ N(0, 1), so layout or numerics bugs change the logits a lot.
+    """
+    torch = require_torch()
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config}[arch]
+    kwargs = {**TINY_DEFAULTS, "initializer_range": weight_std, **overrides}
+    if arch != "llama":
+        kwargs.setdefault("use_sliding_window", False)
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(weight_std * torch.randn(p.shape, generator=gen))
+    model.eval()
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.json").write_text(make_tokenizer_json(config.vocab_size), encoding="utf-8")
+    import json
+
+    return TinyHF(path=out, model=model, hf_config=json.loads((out / "config.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory):
+    """Factory fixture: ``tiny_hf_model(arch="llama", **options) -> TinyHF`` (see build_tiny_hf)."""
+    counter = iter(range(10**6))
+
+    def make(arch: str = "llama", **options) -> TinyHF:
+        out = tmp_path_factory.mktemp(f"hf_{arch}_{next(counter)}")
+        return build_tiny_hf(out, arch, **options)
+
+    return make
+
+
+# ----------------------------------------------------------------------------- embedded model
+
+
+def embedded_gguf_path() -> Path:
+    from soljax import assets
+
+    return assets._installed_gguf() or assets.gguf_cache_path()
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """``(cfg, params, tokenizer)`` of the embedded SmolLM2-135M-Instruct, converted once (fp32)."""
+    gguf = embedded_gguf_path()
+    if not gguf.is_file():
+        skip_or_fail(f"embedded model not fetched ({gguf} is missing; run "
+                     "soljax.assets.ensure_assets())")
+    from soljax.embedded import ensure_embedded_model
+    from soljax.lm.checkpoint import load_model
+
+    return load_model(ensure_embedded_model())
