@@ -129,11 +129,11 @@ def test_full_sequence_logits(variant):
     assert max_diff(ours, variant.ref) <= TOL
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("llama3")], indirect=True)
 def test_llama3_rope_scaling_is_exercised(variant):
     """Without its scaling the model differs from transformers past the original context (16)."""
     cfg = variant.cfg
-    if cfg.rope_scaling.rope_type != "llama3":
-        pytest.skip("no llama3 rope scaling in this variant")
+    assert cfg.rope_scaling.rope_type == "llama3"
     plain = cfg.replace(rope_scaling=RopeScaling())
     h = lm.forward(plain, variant.params, jnp.asarray(variant.tokens))
     assert max_diff(lm.logits(plain, variant.params, h)[:, 20:], variant.ref[:, 20:]) > 1e-2
