@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's informational warnings
     if args.cache_dir:
         os.environ["SOLJAX_CACHE_DIR"] = str(Path(args.cache_dir).absolute())
     try:

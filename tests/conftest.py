@@ -2,6 +2,7 @@
 
 Fixtures:
 
+- ``word_tokenizer_json``: ``make(vocab_size) -> str``, a ``tokenizers`` JSON with that many words.
 - ``tiny_hf_model``: a factory ``make(arch, **options) -> TinyHF`` that builds a tiny random
   ``transformers`` model (fp32, eager attention) with enlarged random weights, saves it as a Hugging
   Face directory (``config.json``, ``model.safetensors``, ``tokenizer.json``) and returns the
@@ -20,8 +21,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REQUIRE_ASSETS = os.environ.get("SOLJAX_REQUIRE_ASSETS") == "1"
@@ -36,8 +39,8 @@ def skip_or_fail(message: str):
 
 def require_torch():
     """Imports and returns torch, skipping the test (cleanly) when torch/transformers are absent."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", exc_type=ImportError)
+    pytest.importorskip("transformers", exc_type=ImportError)
     return torch
 
 
@@ -56,6 +59,12 @@ def make_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
+@pytest.fixture(scope="session")
+def word_tokenizer_json():
+    """The builder ``make_tokenizer_json(vocab_size) -> str`` (no torch needed)."""
+    return make_tokenizer_json
+
+
 @dataclasses.dataclass
 class TinyHF:
     """A saved tiny HF model: ``path`` (the HF directory), ``model`` (torch, eval, fp32, eager)."""
@@ -64,9 +73,8 @@ class TinyHF:
     model: object
     hf_config: dict
 
-    def logits(self, ids) -> "object":
+    def logits(self, ids) -> np.ndarray:
         """transformers' fp32 logits ``[B, T, V]`` (numpy) of full unpadded sequences ``ids``."""
-        import numpy as np
         import torch
 
         with torch.no_grad():
@@ -96,7 +104,6 @@ def build_tiny_hf(out: Path, arch: str = "llama", *, seed: int = 0, weight_std: 
     if arch != "llama":
         kwargs.setdefault("use_sliding_window", False)
     config = config_cls(**kwargs)
-    config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)
@@ -113,8 +120,6 @@ def build_tiny_hf(out: Path, arch: str = "llama", *, seed: int = 0, weight_std: 
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_text(make_tokenizer_json(config.vocab_size), encoding="utf-8")
-    import json
-
     return TinyHF(path=out, model=model, hf_config=json.loads((out / "config.json").read_text()))
 
 

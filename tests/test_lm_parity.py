@@ -14,8 +14,8 @@ import zlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", exc_type=ImportError)
+pytest.importorskip("transformers", exc_type=ImportError)
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -36,7 +36,6 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 VARIANTS = {
     "llama-mha-untied": ("llama", dict(num_key_value_heads=4)),
-    "llama-gqa-tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "llama-mqa-attn-bias": ("llama", dict(num_key_value_heads=1, attention_bias=True, rms_norm_eps=1e-6,
                                           rope_parameters={"rope_type": "default",
                                                            "rope_theta": 500000.0})),
@@ -232,7 +231,7 @@ def ppl_model(tiny_hf_model, tmp_path_factory):
 
 @pytest.mark.parametrize("n_ids,window,batch_tokens", [
     (150, 32, 4096),  # 4 full windows + a ragged one of 22, one batch
-    (129, 32, 64),  # last window has 1 token (scores nothing); batches of 2 windows, one padded
+    (97, 32, 64),  # 3 windows + 1 leftover token (scores nothing); batches of 2, the last padded
     (40, 64, 4096),  # a single window shorter than the window size
 ])
 def test_perplexity_matches_torch_windows(ppl_model, n_ids, window, batch_tokens):

@@ -35,15 +35,42 @@ def save_params(path: Path, params) -> None:
 
 
 def restore_params(path: Path, target):
-    """Restores a pytree saved by :func:`save_params` onto ``target`` (an abstract tree)."""
+    """Restores a pytree saved by :func:`save_params` onto ``target`` (an abstract tree).
+
+    Structure and shapes are checked against the checkpoint's metadata first, so a mismatch is
+    one clear error rather than a failed read.
+    """
     path = Path(path).absolute()
     if not path.is_dir():
         raise SoljaxError(f"parameter checkpoint not found: {path}")
+    ckpt = _checkpointer()
     try:
-        return _checkpointer().restore(path, target)
+        meta = ckpt.metadata(path)
+        stored = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        if stored is None:
+            raise SoljaxError(f"cannot restore parameters from {path}: its metadata is unreadable "
+                              "(corrupt or not an orbax checkpoint)")
+        _check_against(stored, target, path)
+        return ckpt.restore(path, target)
+    except SoljaxError:
+        raise
     except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(" [")[0][:300]
         raise SoljaxError(f"cannot restore parameters from {path} (corrupt or incompatible "
-                          f"checkpoint): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                          f"checkpoint): {first}") from None
+
+
+def _check_against(stored, target, path: Path) -> None:
+    flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    flat_target = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+    if set(flat_stored) != set(flat_target):
+        diff = sorted(jax.tree_util.keystr(k) for k in set(flat_stored) ^ set(flat_target))
+        raise SoljaxError(f"checkpoint {path} does not match the model: differing entries {diff[:4]}")
+    for key, want in flat_target.items():
+        have = tuple(flat_stored[key].shape)
+        if have != tuple(want.shape):
+            raise SoljaxError(f"checkpoint {path} does not match the model: "
+                              f"{jax.tree_util.keystr(key)} has shape {have}, expected {tuple(want.shape)}")
 
 
 def save_model(out: Path, cfg: LMConfig, params, tokenizer: Tokenizer, source: str = "") -> None:

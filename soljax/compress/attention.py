@@ -1,0 +1,387 @@
+"""Token sparsity for one decode query per row: which cached keys each query head may attend to.
+
+Shapes (one layer): query ``q [R, Hq, Dh]`` (post-RoPE), keys ``k [R, S, Hkv, Dh]`` (post-RoPE, S =
+cache capacity, the current token already written at ``kv_len - 1``), ``kv_len [R]`` (valid keys
+including the current one), ``kappa [R]`` (token keep fraction). Query head ``h`` reads KV head
+``h // (Hq // Hkv)``. Masks are boolean, True = attend; positions ``>= kv_len`` are never kept.
+
+Three criteria:
+
+- **QUEST** (:func:`quest_keep`): pages of ``page_size`` keys from position 0; each query head ranks
+  pages by the upper bound ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` and keeps the best
+  ``ceil(ceil(kappa * kv_len) / page_size)`` pages (ties keep more). Nothing is forced: not the sink,
+  not the window, not the current token; a head that keeps nothing (only possible with NaN scores)
+  falls back to the newest valid key. Budgets are float32 products, ``ceil(float32(kappa) *
+  kv_len)`` clamped to ``[1, kv_len]``.
+- **recency** (:func:`recency_keep`): the first ``Ts`` keys and a window of recent keys, shared by
+  all heads.
+- **relevancy** (:func:`relevancy_keep`): the first ``Ts`` keys, the last ``Tw + 2`` keys and the
+  top ``ceil(kappa * #eligible)`` of the remaining keys by scaled logit.
+
+QUEST in pieces, for a decode step over a shared prefix
+--------------------------------------------------------
+:func:`page_summaries` (per-page key max/min) is what a prefill computes once and shares across
+schedules; :func:`quest_scores` and :func:`select_pages` rank pages; :func:`token_keep_from_pages`
+expands kept pages to key positions. When a row's keys are an M-key shared prefix followed by up to T
+per-schedule suffix keys at positions ``M, M+1, ...``, pages ``[0, M // page_size)`` are complete
+prefix pages and every later page lies in the *window* summarized by
+:func:`window_page_summaries` (window page 0 is absolute page ``M // page_size``; pass the prefix
+summaries to merge the page that straddles the boundary). Selecting over the union
+``[prefix pages < M // page_size] + [window pages]`` with one threshold gives exactly the pages
+:func:`quest_keep` would keep over the concatenated keys (see :func:`quest_keep_split`).
+:func:`merge_page_summaries` builds the summaries of the concatenated keys in absolute page order
+instead, when one array is more convenient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from soljax.errors import SoljaxError
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Summaries of a page with no valid key: the identities of max and min, so merging is max/min.
+EMPTY_MAX = -jnp.inf
+EMPTY_MIN = jnp.inf
+
+
+def _rows(v, dtype) -> jax.Array:
+    return jnp.asarray(v).astype(dtype)
+
+
+def _check_page_size(page_size) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise SoljaxError(f"QUEST page size must be a positive integer, got {page_size!r}")
+    return page_size
+
+
+# ---------------------------------------------------------------------------------------- budgets
+
+
+def quest_token_budget(kappa: jax.Array, kv_len: jax.Array) -> jax.Array:
+    """Token budget ``clamp(ceil(float32(kappa) * kv_len), 1, kv_len)`` per row (int32)."""
+    kv = _rows(kv_len, jnp.int32)
+    n = jnp.ceil(_rows(kappa, jnp.float32) * kv.astype(jnp.float32))
+    return jnp.clip(n, 1, jnp.maximum(kv, 1).astype(jnp.float32)).astype(jnp.int32)
+
+
+def quest_page_budget(n_tok: jax.Array, page_size: int, num_valid_pages: jax.Array) -> jax.Array:
+    """Page budget ``min(ceil(n_tok / page_size), num_valid_pages)`` per row (int32)."""
+    n_tok = _rows(n_tok, jnp.int32)
+    return jnp.minimum((n_tok + page_size - 1) // page_size, _rows(num_valid_pages, jnp.int32))
+
+
+# -------------------------------------------------------------------------------- page summaries
+
+
+def _summarize(keys: jax.Array, valid: jax.Array, page_size: int):
+    """Per-page max/min of ``keys [R, P*page_size, H, Dh]`` over ``valid [R, P*page_size]``."""
+    R, W, H, Dh = keys.shape
+    P = W // page_size
+    v = valid[:, :, None, None]
+    kmax = jnp.where(v, keys, EMPTY_MAX).reshape(R, P, page_size, H, Dh).max(axis=2)
+    kmin = jnp.where(v, keys, EMPTY_MIN).reshape(R, P, page_size, H, Dh).min(axis=2)
+    return kmax, kmin, valid.reshape(R, P, page_size).any(axis=2)
+
+
+def page_summaries(k: jax.Array, kv_len: jax.Array, page_size: int):
+    """Per-page, per-channel key max and min over the valid keys of each page.
+
+    ``k [R, S, Hkv, Dh]``, ``kv_len [R]`` -> ``(kmax [R, P, Hkv, Dh], kmin [R, P, Hkv, Dh],
+    page_valid [R, P])`` with ``P = ceil(S / page_size)``, page j covering positions
+    ``[j * page_size, (j + 1) * page_size)``. Pages without a valid key hold -inf / +inf (the
+    identities of max / min) and are not valid. Values keep k's dtype.
+    """
+    R, S, H, Dh = k.shape
+    P = -(-S // _check_page_size(page_size))
+    pad = P * page_size - S
+    valid = jnp.arange(P * page_size)[None, :] < _rows(kv_len, jnp.int32)[:, None]
+    keys = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else k
+    return _summarize(keys, valid, page_size)
+
+
+def window_pages(num_suffix: int, page_size: int) -> int:
+    """Pages in the window of :func:`window_page_summaries`: ``ceil((T + page_size - 1) / page_size)``."""
+    return -(-(num_suffix + page_size - 1) // page_size)
+
+
+def window_page_summaries(k_suffix: jax.Array, prefix_len: jax.Array, suffix_len: jax.Array,
+                          page_size: int, prefix=None):
+    """Summaries of the pages holding a per-row suffix of keys that follows a prefix.
+
+    ``k_suffix [R, T, Hkv, Dh]``: suffix key j sits at absolute position ``prefix_len + j``;
+    entries ``j >= suffix_len`` are ignored. Returns ``(kmax, kmin, page_valid, first_page)``
+    with ``Pw = window_pages(T, page_size)`` window pages: window page i is absolute page
+    ``first_page + i``, ``first_page = prefix_len // page_size [R]``.
+
+    ``prefix``: optional ``(kmax, kmin, page_valid)`` of the prefix (from :func:`page_summaries`,
+    same rows R). When given, the prefix page that straddles the boundary (absolute page
+    ``first_page``, partly filled when ``prefix_len % page_size != 0``) is merged into window page
+    0, so that prefix pages ``< first_page`` and the window pages together describe every key exactly
+    once.
+    """
+    R, T, H, Dh = k_suffix.shape
+    Pw = window_pages(T, _check_page_size(page_size))
+    prefix_len = _rows(prefix_len, jnp.int32)
+    first_page = prefix_len // page_size
+    offset = prefix_len % page_size
+    j = jnp.arange(Pw * page_size)[None, :] - offset[:, None]  # suffix index of each window slot
+    valid = (j >= 0) & (j < _rows(suffix_len, jnp.int32)[:, None])
+    keys = k_suffix[jnp.arange(R)[:, None], jnp.clip(j, 0, T - 1)]  # [R, Pw*page_size, H, Dh]
+    kmax, kmin, page_valid = _summarize(keys, valid, page_size)
+    if prefix is not None:
+        pmax, pmin, pvalid = prefix
+        Pp = pmax.shape[1]
+        has = first_page < Pp
+        idx = jnp.minimum(first_page, Pp - 1)
+        rows = jnp.arange(R)
+        bmax = jnp.where(has[:, None, None], pmax[rows, idx], EMPTY_MAX)
+        bmin = jnp.where(has[:, None, None], pmin[rows, idx], EMPTY_MIN)
+        bvalid = has & pvalid[rows, idx]
+        kmax = kmax.at[:, 0].set(jnp.maximum(kmax[:, 0], bmax.astype(kmax.dtype)))
+        kmin = kmin.at[:, 0].set(jnp.minimum(kmin[:, 0], bmin.astype(kmin.dtype)))
+        page_valid = page_valid.at[:, 0].set(page_valid[:, 0] | bvalid)
+    return kmax, kmin, page_valid, first_page
+
+
+def merge_page_summaries(prefix, window, first_page: jax.Array, num_pages: int | None = None):
+    """Summaries of prefix + suffix keys in absolute page order, from the two parts.
+
+    ``prefix``: ``(kmax, kmin, page_valid)`` with Pp pages (:func:`page_summaries` of the prefix
+    cache); ``window``: ``(kmax, kmin, page_valid)`` with Pw pages from
+    :func:`window_page_summaries` (with or without ``prefix=``; merging is idempotent);
+    ``first_page [R]``. Returns ``(kmax, kmin, page_valid)`` with ``num_pages`` pages (default
+    ``Pp + Pw``; window pages past it are dropped, pages past the data are empty), equal to
+    :func:`page_summaries` of the concatenated keys.
+    """
+    pmax, pmin, pvalid = prefix
+    wmax, wmin, wvalid = window
+    R, Pp = pvalid.shape
+    Pw = wvalid.shape[1]
+    Pt = Pp + Pw if num_pages is None else int(num_pages)
+    if Pt < Pp:
+        raise ValueError(f"num_pages={Pt} is smaller than the prefix's {Pp} pages")
+    pad = ((0, 0), (0, Pt - Pp), (0, 0), (0, 0))
+    pmax = jnp.pad(pmax, pad, constant_values=EMPTY_MAX)
+    pmin = jnp.pad(pmin, pad, constant_values=EMPTY_MIN)
+    pvalid = jnp.pad(pvalid, ((0, 0), (0, Pt - Pp)))
+    i = jnp.arange(Pt)[None, :] - _rows(first_page, jnp.int32)[:, None]  # window page index
+    inside = (i >= 0) & (i < Pw)
+    rows, ic = jnp.arange(R)[:, None], jnp.clip(i, 0, Pw - 1)
+    m = inside[:, :, None, None]
+    kmax = jnp.maximum(pmax, jnp.where(m, wmax[rows, ic], EMPTY_MAX).astype(pmax.dtype))
+    kmin = jnp.minimum(pmin, jnp.where(m, wmin[rows, ic], EMPTY_MIN).astype(pmin.dtype))
+    return kmax, kmin, pvalid | (inside & wvalid[rows, ic])
+
+
+# --------------------------------------------------------------------------- scoring and selecting
+
+
+def quest_scores(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_valid: jax.Array) -> jax.Array:
+    """QUEST page scores (float32), -inf on pages without a valid key.
+
+    ``q [R, *E, Hq, Dh]`` (``E``: optional extra axes, e.g. K schedules sharing one row's prefix
+    summaries), ``kmax``/``kmin [R, P, Hkv, Dh]``, ``page_valid [R, P]`` -> ``[R, *E, Hq, P]``.
+    ``score = q+ . kmax + q- . (-kmin)`` with ``q+ = max(q, 0)``, ``q- = max(-q, 0)`` (unscaled),
+    which equals ``sum_d max(q_d kmax_d, q_d kmin_d)``.
+    """
+    R, Hq, Dh = q.shape[0], q.shape[-2], q.shape[-1]
+    extra = q.shape[1:-2]
+    Hkv = kmax.shape[2]
+    qf = q.astype(jnp.float32).reshape(R, -1, Hkv, Hq // Hkv, Dh)
+    q_pos = jnp.maximum(qf, 0.0)
+    q_neg = jnp.maximum(-qf, 0.0)
+    s = (jnp.einsum("rekgd,rpkd->rekgp", q_pos, kmax.astype(jnp.float32), precision=HIGHEST)
+         + jnp.einsum("rekgd,rpkd->rekgp", q_neg, -kmin.astype(jnp.float32), precision=HIGHEST))
+    s = jnp.where(page_valid[:, None, None, None, :], s, -jnp.inf)
+    return s.reshape(R, *extra, Hq, kmax.shape[1])
+
+
+def select_pages(scores: jax.Array, page_valid: jax.Array, n_pages_keep: jax.Array) -> jax.Array:
+    """Keeps pages scoring at least the ``n``-th largest valid score (ties keep more).
+
+    ``scores [R, *E, Hq, P]``, ``page_valid [R, P]``, ``n_pages_keep [R]`` (int). ``n`` is
+    clamped to ``[1, #valid pages]``; when it covers every valid page, all valid pages are kept
+    regardless of scores. Returns ``page_keep`` shaped like ``scores``.
+    """
+    lead = scores.ndim - 1
+    expand = (slice(None),) + (None,) * (lead - 1)
+    pv = page_valid[expand]  # [R, 1.., P]
+    n_valid = page_valid.sum(axis=-1).astype(jnp.int32)
+    n_req = _rows(n_pages_keep, jnp.int32)
+    n = jnp.clip(n_req, 1, jnp.maximum(n_valid, 1))
+    P = scores.shape[-1]
+    ascending = jnp.sort(jnp.where(pv, scores, -jnp.inf), axis=-1)
+    idx = jnp.broadcast_to(jnp.clip(P - n, 0, P - 1)[expand + (None,)], scores.shape[:-1] + (1,))
+    thr = jnp.take_along_axis(ascending, idx, axis=-1)
+    keep = (scores >= thr) & pv
+    everything = (n_req >= n_valid)[expand + (None,)]
+    return keep | (everything & pv)
+
+
+def quest_select(q: jax.Array, kmax: jax.Array, kmin: jax.Array, page_valid: jax.Array,
+                 n_pages_keep: jax.Array) -> jax.Array:
+    """``page_keep [R, Hq, P]``: :func:`select_pages` of :func:`quest_scores`."""
+    return select_pages(quest_scores(q, kmax, kmin, page_valid), page_valid, n_pages_keep)
+
+
+def token_keep_from_pages(page_keep: jax.Array, positions: jax.Array, valid: jax.Array,
+                          page_size: int) -> jax.Array:
+    """Expands ``page_keep [R, Hq, P]`` to key slots at absolute ``positions [R, N]``.
+
+    Returns ``[R, Hq, N]``: slot kept iff ``valid [R, N]`` and its page ``position // page_size``
+    is kept (positions past the last page are dropped). No fallback is applied.
+    """
+    R, Hq, P = page_keep.shape
+    page = _rows(positions, jnp.int32) // page_size
+    inside = (page >= 0) & (page < P)
+    idx = jnp.broadcast_to(jnp.clip(page, 0, P - 1)[:, None, :], (R, Hq, page.shape[1]))
+    kept = jnp.take_along_axis(page_keep, idx, axis=-1)
+    return kept & (valid & inside)[:, None, :]
+
+
+def quest_fallback(page_keep: jax.Array) -> jax.Array:
+    """``[R, Hq]``: heads that kept no page (they attend to the newest valid key only)."""
+    return ~page_keep.any(axis=-1)
+
+
+def quest_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array,
+               page_size: int) -> jax.Array:
+    """QUEST keep mask ``[R, Hq, S]`` for one decode query per row (see the module docstring).
+
+    ``q [R, Hq, Dh]``, ``k [R, S, Hkv, Dh]``, ``kv_len [R]``, ``kappa [R]``. ``kappa = 1`` (or any
+    kappa whose page budget covers every valid page) keeps every valid key.
+    """
+    S = k.shape[1]
+    kv_len = _rows(kv_len, jnp.int32)
+    kmax, kmin, page_valid = page_summaries(k, kv_len, page_size)
+    n_pg = quest_page_budget(quest_token_budget(kappa, kv_len), page_size, page_valid.sum(-1))
+    page_keep = quest_select(q, kmax, kmin, page_valid, n_pg)
+    pos = jnp.broadcast_to(jnp.arange(S)[None, :], (k.shape[0], S))
+    keep = token_keep_from_pages(page_keep, pos, pos < kv_len[:, None], page_size)
+    newest = (pos == kv_len[:, None] - 1)[:, None, :]
+    return keep | (quest_fallback(page_keep)[:, :, None] & newest)
+
+
+def quest_keep_split(q: jax.Array, prefix, k_suffix: jax.Array, prefix_len: jax.Array,
+                     suffix_len: jax.Array, kappa: jax.Array, page_size: int):
+    """QUEST over a summarized prefix plus a per-row key suffix, without concatenating keys.
+
+    ``prefix``: ``(kmax, kmin, page_valid)`` of the prefix cache (Pp pages, rows R);
+    ``k_suffix [R, T, Hkv, Dh]`` with suffix key j at position ``prefix_len + j``, ``suffix_len``
+    valid (the current token is the last, ``kv_len = prefix_len + suffix_len``). Returns
+    ``(keep_prefix [R, Hq, Pp * page_size], keep_suffix [R, Hq, T])`` (slice ``keep_prefix`` to
+    the prefix cache's capacity), equal to the matching slots of :func:`quest_keep` over the
+    concatenated keys. To score K schedules against one copy of a block's prefix summaries, call
+    :func:`quest_scores` with ``q [B, K, Hq, Dh]`` and compose the same way.
+    """
+    pmax, pmin, pvalid = prefix
+    R, Pp = pvalid.shape
+    T = k_suffix.shape[1]
+    prefix_len = _rows(prefix_len, jnp.int32)
+    suffix_len = _rows(suffix_len, jnp.int32)
+    kv_len = prefix_len + suffix_len
+    wmax, wmin, wvalid, first = window_page_summaries(k_suffix, prefix_len, suffix_len, page_size,
+                                                      prefix=prefix)
+    pvalid = pvalid & (jnp.arange(Pp)[None, :] < first[:, None])  # complete prefix pages only
+    valid = jnp.concatenate([pvalid, wvalid], axis=1)
+    scores = jnp.concatenate([quest_scores(q, pmax, pmin, pvalid),
+                              quest_scores(q, wmax, wmin, wvalid)], axis=-1)
+    n_pg = quest_page_budget(quest_token_budget(kappa, kv_len), page_size, valid.sum(-1))
+    keep = select_pages(scores, valid, n_pg)
+    fallback = quest_fallback(keep)[:, :, None]
+    keep_p, keep_w = keep[..., :Pp], keep[..., Pp:]
+    pos_p = jnp.broadcast_to(jnp.arange(Pp * page_size)[None, :], (R, Pp * page_size))
+    in_prefix = pos_p < prefix_len[:, None]
+    out_p = token_keep_from_pages(keep_p, pos_p, in_prefix, page_size)
+    # prefix keys of the straddling page belong to window page 0
+    straddle = in_prefix & (pos_p // page_size == first[:, None])
+    out_p = out_p | (straddle[:, None, :] & keep_w[..., :1])
+    j = jnp.arange(T)[None, :]
+    # suffix key j lies in window page (prefix_len % page_size + j) // page_size
+    pos_w = prefix_len[:, None] % page_size + j
+    out_w = token_keep_from_pages(keep_w, pos_w, j < suffix_len[:, None], page_size)
+    newest_p = (pos_p == kv_len[:, None] - 1)[:, None, :]
+    newest_w = (j == suffix_len[:, None] - 1)[:, None, :]
+    return out_p | (fallback & newest_p), out_w | (fallback & newest_w)
+
+
+# ------------------------------------------------------------------------------ recency, relevancy
+
+
+def recency_keep(kv_len: jax.Array, kappa: jax.Array, S: int, Ts: int, Tw: int) -> jax.Array:
+    """Recency keep mask ``[R, S]``, shared by all heads.
+
+    With ``K = kv_len``: keep all K keys if ``K <= Ts + Tw + 1``; else keep ``[0, Ts)`` and
+    ``[max(Ts, K - (Tw + 1 + Ke)), K)`` with ``Ke = ceil(kappa * (K - (Ts + Tw + 1)))``. The product
+    is taken in float32 (it can differ from a float64 product when it lies within half a float32
+    ulp of an integer, e.g. float32(0.3) * 10).
+    """
+    K = _rows(kv_len, jnp.int32)[:, None]
+    pos = jnp.arange(S)[None, :]
+    short = K <= Ts + Tw + 1
+    num_old = jnp.maximum(K - (Ts + Tw + 1), 0)
+    ke = jnp.ceil(_rows(kappa, jnp.float32)[:, None] * num_old.astype(jnp.float32)).astype(jnp.int32)
+    start = jnp.maximum(Ts, K - (Tw + 1 + ke))
+    keep = (pos < Ts) | (pos >= start)
+    return (short | keep) & (pos < K)
+
+
+def relevancy_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array, Ts: int,
+                   Tw: int, tier: str = "per_head") -> jax.Array:
+    """Relevancy keep mask ``[R, Hq, S]``.
+
+    Always kept: valid positions ``< Ts`` and the last ``Tw + 2`` valid positions. Of the remaining
+    valid (eligible) keys, the top ``n = ceil(float32(kappa) * #eligible)`` by scaled logit
+    ``q . k / sqrt(Dh)`` are kept, ties at the threshold included (``n = 0`` keeps none).
+
+    ``tier="per_head"`` (reference behaviour): each query head ranks keys by its own logit.
+    ``tier="per_layer"``: one key set per row shared by all heads of the layer, ranked by the
+    maximum over query heads of the scaled logit (a key is as relevant as it is to the head that
+    wants it most), so the shared set covers every head's strongest keys.
+    """
+    if tier not in ("per_head", "per_layer"):
+        raise SoljaxError(f"unknown relevancy tier {tier!r} (expected 'per_head' or 'per_layer')")
+    R, Hq, Dh = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qg = q.astype(jnp.float32).reshape(R, Hkv, Hq // Hkv, Dh)
+    logits = jnp.einsum("rkgd,rskd->rkgs", qg, k.astype(jnp.float32), precision=HIGHEST)
+    logits = (logits * (1.0 / math.sqrt(Dh))).reshape(R, Hq, S)
+    kv = _rows(kv_len, jnp.int32)[:, None]
+    pos = jnp.arange(S)[None, :]
+    valid = pos < kv
+    always = pos < Ts
+    if Tw >= 0:
+        always = always | (pos >= kv - (Tw + 2))
+    always = always & valid
+    eligible = valid & ~always  # [R, S]
+    n_elig = eligible.sum(axis=-1).astype(jnp.float32)
+    n = jnp.ceil(_rows(kappa, jnp.float32) * n_elig).astype(jnp.int32)  # [R]
+    scores = logits if tier == "per_head" else logits.max(axis=1, keepdims=True)
+    masked = jnp.where(eligible[:, None, :], scores, -jnp.inf)
+    ascending = jnp.sort(masked, axis=-1)
+    idx = jnp.broadcast_to(jnp.clip(S - n, 0, S - 1)[:, None, None], masked.shape[:-1] + (1,))
+    thr = jnp.take_along_axis(ascending, idx, axis=-1)
+    chosen = (masked >= thr) & eligible[:, None, :] & (n > 0)[:, None, None]
+    return jnp.broadcast_to(chosen | always[:, None, :], (R, Hq, S))
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def attended_fraction(keep: jax.Array, kv_len: jax.Array) -> jax.Array:
+    """Realized attended fraction per row: kept valid keys / kv_len, averaged over heads.
+
+    ``keep [R, S]`` or ``[R, H, S]``; returns float32 ``[R]``.
+    """
+    kv = _rows(kv_len, jnp.int32)
+    valid = jnp.arange(keep.shape[-1])[None, :] < kv[:, None]
+    if keep.ndim == 3:
+        valid = valid[:, None, :]
+    frac = (keep & valid).sum(axis=-1).astype(jnp.float32) / jnp.maximum(kv, 1).astype(jnp.float32)[
+        (slice(None),) + (None,) * (keep.ndim - 2)]
+    return frac.mean(axis=1) if keep.ndim == 3 else frac
