@@ -267,6 +267,67 @@ def quest_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array,
     return keep | (quest_fallback(page_keep)[:, :, None] & newest)
 
 
+def quest_keep_shared(q: jax.Array, prefix, prefix_len: jax.Array, k_suffix: jax.Array,
+                      suffix_len: jax.Array, kappa: jax.Array, page_size: int, prefix_capacity: int):
+    """QUEST for K schedules that share one summarized prefix per block, each with its own suffix.
+
+    ``q [B, K, Hq, Dh]``; ``prefix = (kmax, kmin, page_valid)`` of the block's prefix cache (one
+    copy per block, :func:`page_summaries`); ``prefix_len [B]``; ``k_suffix [B, K, T, Hkv, Dh]``
+    with suffix key j at position ``prefix_len + j`` (valid for ``j < suffix_len``; the current
+    token is the last valid one); ``suffix_len`` scalar or ``[B, K]``; ``kappa [B, K]``.
+
+    Returns ``(keep_prefix [B, K, Hq, prefix_capacity], keep_suffix [B, K, Hq, T])``, equal to the
+    matching slots of :func:`quest_keep` over each row's concatenated keys. Prefix pages are
+    scored against the shared summaries (never tiled over K); only the page straddling the
+    prefix/suffix boundary and the suffix pages are summarized per schedule.
+    """
+    B, K, Hq, _ = q.shape
+    T = k_suffix.shape[2]
+    R = B * K
+    pmax, pmin, pvalid = prefix
+    Pp = pvalid.shape[1]
+    prefix_len = _rows(prefix_len, jnp.int32)
+    first = prefix_len // page_size  # [B] absolute page of window page 0
+    pvalid_c = pvalid & (jnp.arange(Pp)[None, :] < first[:, None])  # complete prefix pages
+    s_prefix = quest_scores(q, pmax, pmin, pvalid_c).reshape(R, Hq, Pp)
+
+    rep = lambda a: jnp.repeat(a, K, axis=0)  # noqa: E731  [B, ...] -> [B*K, ...]
+    pl = rep(prefix_len)
+    sl = jnp.broadcast_to(_rows(suffix_len, jnp.int32), (B, K)).reshape(R)
+    wmax, wmin, wvalid, _ = window_page_summaries(k_suffix.reshape(R, T, *k_suffix.shape[3:]), pl, sl,
+                                                  page_size)
+    has = first < Pp  # merge the straddling prefix page (one per block) into window page 0
+    idx = jnp.minimum(first, Pp - 1)
+    blocks = jnp.arange(B)
+    bmax = rep(jnp.where(has[:, None, None], pmax[blocks, idx], EMPTY_MAX))
+    bmin = rep(jnp.where(has[:, None, None], pmin[blocks, idx], EMPTY_MIN))
+    wmax = wmax.at[:, 0].set(jnp.maximum(wmax[:, 0], bmax.astype(wmax.dtype)))
+    wmin = wmin.at[:, 0].set(jnp.minimum(wmin[:, 0], bmin.astype(wmin.dtype)))
+    wvalid = wvalid.at[:, 0].set(wvalid[:, 0] | rep(has & pvalid[blocks, idx]))
+
+    valid = jnp.concatenate([rep(pvalid_c), wvalid], axis=1)
+    scores = jnp.concatenate([s_prefix, quest_scores(q.reshape(R, Hq, -1), wmax, wmin, wvalid)], -1)
+    kv_len = pl + sl
+    n_pg = quest_page_budget(quest_token_budget(_rows(kappa, jnp.float32).reshape(R), kv_len),
+                             page_size, valid.sum(-1))
+    keep = select_pages(scores, valid, n_pg)
+    fallback = quest_fallback(keep)[:, :, None]
+    keep_p, keep_w = keep[..., :Pp], keep[..., Pp:]
+    pos_p = jnp.broadcast_to(jnp.arange(prefix_capacity)[None, :], (R, prefix_capacity))
+    in_prefix = pos_p < pl[:, None]
+    out_p = token_keep_from_pages(keep_p, pos_p, in_prefix, page_size)
+    straddle = in_prefix & (pos_p // page_size == rep(first)[:, None])  # belongs to window page 0
+    out_p = out_p | (straddle[:, None, :] & keep_w[..., :1])
+    j = jnp.arange(T)[None, :]
+    pos_w = pl[:, None] % page_size + j  # position within the window
+    out_w = token_keep_from_pages(keep_w, pos_w, j < sl[:, None], page_size)
+    newest_p = (pos_p == kv_len[:, None] - 1)[:, None, :]
+    newest_w = (j == sl[:, None] - 1)[:, None, :]
+    out_p = out_p | (fallback & newest_p)
+    out_w = out_w | (fallback & newest_w)
+    return out_p.reshape(B, K, Hq, prefix_capacity), out_w.reshape(B, K, Hq, T)
+
+
 def quest_keep_split(q: jax.Array, prefix, k_suffix: jax.Array, prefix_len: jax.Array,
                      suffix_len: jax.Array, kappa: jax.Array, page_size: int):
     """QUEST over a summarized prefix plus a per-row key suffix, without concatenating keys.
@@ -276,45 +337,21 @@ def quest_keep_split(q: jax.Array, prefix, k_suffix: jax.Array, prefix_len: jax.
     valid (the current token is the last, ``kv_len = prefix_len + suffix_len``). Returns
     ``(keep_prefix [R, Hq, Pp * page_size], keep_suffix [R, Hq, T])`` (slice ``keep_prefix`` to
     the prefix cache's capacity), equal to the matching slots of :func:`quest_keep` over the
-    concatenated keys. To score K schedules against one copy of a block's prefix summaries, call
-    :func:`quest_scores` with ``q [B, K, Hq, Dh]`` and compose the same way.
+    concatenated keys. One schedule per prefix: :func:`quest_keep_shared` with K = 1.
     """
-    pmax, pmin, pvalid = prefix
-    R, Pp = pvalid.shape
-    T = k_suffix.shape[1]
-    prefix_len = _rows(prefix_len, jnp.int32)
-    suffix_len = _rows(suffix_len, jnp.int32)
-    kv_len = prefix_len + suffix_len
-    wmax, wmin, wvalid, first = window_page_summaries(k_suffix, prefix_len, suffix_len, page_size,
-                                                      prefix=prefix)
-    pvalid = pvalid & (jnp.arange(Pp)[None, :] < first[:, None])  # complete prefix pages only
-    valid = jnp.concatenate([pvalid, wvalid], axis=1)
-    scores = jnp.concatenate([quest_scores(q, pmax, pmin, pvalid),
-                              quest_scores(q, wmax, wmin, wvalid)], axis=-1)
-    n_pg = quest_page_budget(quest_token_budget(kappa, kv_len), page_size, valid.sum(-1))
-    keep = select_pages(scores, valid, n_pg)
-    fallback = quest_fallback(keep)[:, :, None]
-    keep_p, keep_w = keep[..., :Pp], keep[..., Pp:]
-    pos_p = jnp.broadcast_to(jnp.arange(Pp * page_size)[None, :], (R, Pp * page_size))
-    in_prefix = pos_p < prefix_len[:, None]
-    out_p = token_keep_from_pages(keep_p, pos_p, in_prefix, page_size)
-    # prefix keys of the straddling page belong to window page 0
-    straddle = in_prefix & (pos_p // page_size == first[:, None])
-    out_p = out_p | (straddle[:, None, :] & keep_w[..., :1])
-    j = jnp.arange(T)[None, :]
-    # suffix key j lies in window page (prefix_len % page_size + j) // page_size
-    pos_w = prefix_len[:, None] % page_size + j
-    out_w = token_keep_from_pages(keep_w, pos_w, j < suffix_len[:, None], page_size)
-    newest_p = (pos_p == kv_len[:, None] - 1)[:, None, :]
-    newest_w = (j == suffix_len[:, None] - 1)[:, None, :]
-    return out_p | (fallback & newest_p), out_w | (fallback & newest_w)
+    Pp = prefix[2].shape[1]
+    suffix_len = jnp.broadcast_to(_rows(suffix_len, jnp.int32), (q.shape[0],))[:, None]
+    keep_p, keep_w = quest_keep_shared(q[:, None], prefix, prefix_len, k_suffix[:, None], suffix_len,
+                                       _rows(kappa, jnp.float32)[:, None], page_size, Pp * page_size)
+    return keep_p[:, 0], keep_w[:, 0]
 
 
 # ------------------------------------------------------------------------------ recency, relevancy
 
 
-def recency_keep(kv_len: jax.Array, kappa: jax.Array, S: int, Ts: int, Tw: int) -> jax.Array:
-    """Recency keep mask ``[R, S]``, shared by all heads.
+def recency_keep_at(positions: jax.Array, kv_len: jax.Array, kappa: jax.Array, Ts: int,
+                    Tw: int) -> jax.Array:
+    """Recency keep mask at absolute key ``positions [R, N]`` -> ``[R, N]``, shared by all heads.
 
     With ``K = kv_len``: keep all K keys if ``K <= Ts + Tw + 1``; else keep ``[0, Ts)`` and
     ``[max(Ts, K - (Tw + 1 + Ke)), K)`` with ``Ke = ceil(kappa * (K - (Ts + Tw + 1)))``. The product
@@ -322,22 +359,30 @@ def recency_keep(kv_len: jax.Array, kappa: jax.Array, S: int, Ts: int, Tw: int) 
     ulp of an integer, e.g. float32(0.3) * 10).
     """
     K = _rows(kv_len, jnp.int32)[:, None]
-    pos = jnp.arange(S)[None, :]
+    pos = _rows(positions, jnp.int32)
     short = K <= Ts + Tw + 1
     num_old = jnp.maximum(K - (Ts + Tw + 1), 0)
     ke = jnp.ceil(_rows(kappa, jnp.float32)[:, None] * num_old.astype(jnp.float32)).astype(jnp.int32)
     start = jnp.maximum(Ts, K - (Tw + 1 + ke))
     keep = (pos < Ts) | (pos >= start)
-    return (short | keep) & (pos < K)
+    return (short | keep) & (pos >= 0) & (pos < K)
 
 
-def relevancy_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array, Ts: int,
-                   Tw: int, tier: str = "per_head") -> jax.Array:
-    """Relevancy keep mask ``[R, Hq, S]``.
+def recency_keep(kv_len: jax.Array, kappa: jax.Array, S: int, Ts: int, Tw: int) -> jax.Array:
+    """Recency keep mask ``[R, S]`` over cache slots ``0..S-1`` (see :func:`recency_keep_at`)."""
+    kv_len = _rows(kv_len, jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(S)[None, :], (kv_len.shape[0], S))
+    return recency_keep_at(pos, kv_len, kappa, Ts, Tw)
 
-    Always kept: valid positions ``< Ts`` and the last ``Tw + 2`` valid positions. Of the remaining
-    valid (eligible) keys, the top ``n = ceil(float32(kappa) * #eligible)`` by scaled logit
-    ``q . k / sqrt(Dh)`` are kept, ties at the threshold included (``n = 0`` keeps none).
+
+def relevancy_keep_logits(logits: jax.Array, positions: jax.Array, kv_len: jax.Array,
+                          kappa: jax.Array, Ts: int, Tw: int, tier: str = "per_head") -> jax.Array:
+    """Relevancy keep mask from scaled logits ``[R, Hq, N]`` of keys at ``positions [R, N]``.
+
+    Keys at positions ``>= kv_len`` (or negative) are invalid. Always kept: valid positions
+    ``< Ts`` and the last ``Tw + 2`` valid positions. Of the remaining valid (eligible) keys, the
+    top ``n = ceil(float32(kappa) * #eligible)`` by logit are kept, ties at the threshold included
+    (``n = 0`` keeps none).
 
     ``tier="per_head"`` (reference behaviour): each query head ranks keys by its own logit.
     ``tier="per_layer"``: one key set per row shared by all heads of the layer, ranked by the
@@ -346,28 +391,38 @@ def relevancy_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Arr
     """
     if tier not in ("per_head", "per_layer"):
         raise SoljaxError(f"unknown relevancy tier {tier!r} (expected 'per_head' or 'per_layer')")
+    R, Hq, N = logits.shape
+    kv = _rows(kv_len, jnp.int32)[:, None]
+    pos = _rows(positions, jnp.int32)
+    valid = (pos >= 0) & (pos < kv)
+    always = pos < Ts
+    if Tw >= 0:
+        always = always | (pos >= kv - (Tw + 2))
+    always = always & valid
+    eligible = valid & ~always  # [R, N]
+    n_elig = eligible.sum(axis=-1).astype(jnp.float32)
+    n = jnp.ceil(_rows(kappa, jnp.float32) * n_elig).astype(jnp.int32)  # [R]
+    scores = logits.astype(jnp.float32)
+    scores = scores if tier == "per_head" else scores.max(axis=1, keepdims=True)
+    masked = jnp.where(eligible[:, None, :], scores, -jnp.inf)
+    ascending = jnp.sort(masked, axis=-1)
+    idx = jnp.broadcast_to(jnp.clip(N - n, 0, N - 1)[:, None, None], masked.shape[:-1] + (1,))
+    thr = jnp.take_along_axis(ascending, idx, axis=-1)
+    chosen = (masked >= thr) & eligible[:, None, :] & (n > 0)[:, None, None]
+    return jnp.broadcast_to(chosen | always[:, None, :], (R, Hq, N))
+
+
+def relevancy_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array, Ts: int,
+                   Tw: int, tier: str = "per_head") -> jax.Array:
+    """Relevancy keep mask ``[R, Hq, S]`` over a full cache ``k [R, S, Hkv, Dh]`` (logits
+    ``q . k / sqrt(Dh)``; see :func:`relevancy_keep_logits`)."""
     R, Hq, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     qg = q.astype(jnp.float32).reshape(R, Hkv, Hq // Hkv, Dh)
     logits = jnp.einsum("rkgd,rskd->rkgs", qg, k.astype(jnp.float32), precision=HIGHEST)
     logits = (logits * (1.0 / math.sqrt(Dh))).reshape(R, Hq, S)
-    kv = _rows(kv_len, jnp.int32)[:, None]
-    pos = jnp.arange(S)[None, :]
-    valid = pos < kv
-    always = pos < Ts
-    if Tw >= 0:
-        always = always | (pos >= kv - (Tw + 2))
-    always = always & valid
-    eligible = valid & ~always  # [R, S]
-    n_elig = eligible.sum(axis=-1).astype(jnp.float32)
-    n = jnp.ceil(_rows(kappa, jnp.float32) * n_elig).astype(jnp.int32)  # [R]
-    scores = logits if tier == "per_head" else logits.max(axis=1, keepdims=True)
-    masked = jnp.where(eligible[:, None, :], scores, -jnp.inf)
-    ascending = jnp.sort(masked, axis=-1)
-    idx = jnp.broadcast_to(jnp.clip(S - n, 0, S - 1)[:, None, None], masked.shape[:-1] + (1,))
-    thr = jnp.take_along_axis(ascending, idx, axis=-1)
-    chosen = (masked >= thr) & eligible[:, None, :] & (n > 0)[:, None, None]
-    return jnp.broadcast_to(chosen | always[:, None, :], (R, Hq, S))
+    pos = jnp.broadcast_to(jnp.arange(S)[None, :], (R, S))
+    return relevancy_keep_logits(logits, pos, kv_len, kappa, Ts, Tw, tier)
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -40,8 +40,8 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: LMConfig, batch: int, capacity: int) -> "KVCache":
         shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        return cls(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
+        dtype = jnp.dtype(cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
 
 def embed(params: dict, tokens: jax.Array) -> jax.Array:
