@@ -110,6 +110,20 @@ def cmd_ppl(args) -> None:
     print(json.dumps({"files": results}, indent=2))
 
 
+def cmd_score_schedules(args) -> None:
+    from soljax.schedules import score_schedules
+
+    path = Path(args.input)
+    if not path.is_file():
+        raise SoljaxError(f"no such file: {path}")
+    try:
+        spec = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SoljaxError(f"{path} is not valid JSON: {e}") from None
+    cfg, params, _ = _load(args.model, args.dtype)
+    print(json.dumps(score_schedules(cfg, params, spec)))
+
+
 def cmd_demo(args) -> None:
     """The main job on the embedded default (grows into the full SOL demo)."""
     cmd_setup(argparse.Namespace(no_mmlu=False))
@@ -156,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("files", nargs="+", help="UTF-8 text files")
     s.set_defaults(fn=cmd_ppl)
+
+    s = sub.add_parser("score-schedules", help="log-likelihood of fixed compute schedules on token blocks")
+    model_args(s)
+    s.add_argument("input", help="JSON with 'blocks', 'schedules' and optional sparsity settings")
+    s.set_defaults(fn=cmd_score_schedules)
 
     s = sub.add_parser("demo", help="the main job on the embedded default")
     s.set_defaults(fn=cmd_demo)

@@ -61,3 +61,16 @@ def run_schedules(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax
     move = lambda a: jnp.moveaxis(a, 0, 2)  # noqa: E731  [T, B, K, ...] -> [B, K, T, ...]
     return ScheduleScores(logprobs=move(lp), attended=move(attended), effective=move(effective),
                           kept_keys=move(kept), hidden=move(hidden), h0=h0)
+
+
+def nominal_usage(kappa: jax.Array, rho: jax.Array, bits: jax.Array, effective: jax.Array,
+                  rho_max: float = 1.0) -> dict[str, jax.Array]:
+    """Episode-mean nominal usage per axis over effective steps (arrays ``[..., T]`` -> ``[...]``).
+
+    Token usage is kappa, prune usage rho / rho_max and quant usage bits / 16, as the budget
+    accounting charges them; steps that ran dense (not effective) are left out.
+    """
+    eff = effective.astype(jnp.float32)
+    n = jnp.maximum(eff.sum(-1), 1.0)
+    mean = lambda a: (a.astype(jnp.float32) * eff).sum(-1) / n  # noqa: E731
+    return {"token": mean(kappa), "prune": mean(rho) / rho_max, "quant": mean(bits) / 16.0}

@@ -161,3 +161,42 @@ def test_corrupt_orbax_checkpoint(tiny_model, tmp_path, capsys):
 def test_debug_flag_shows_traceback(tmp_path):
     with pytest.raises(Exception):
         cli.main(["--debug", "info", str(tmp_path)])
+
+
+def _spec(**overrides):
+    spec = {"blocks": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]],
+            "page_size": 2, "Ts": 1, "Tw": 1,
+            "schedules": [{"name": "dense", "kappa": [1, 1, 1], "rho": [1, 1, 1], "bits": [16, 16, 16]},
+                          {"name": "tight", "kappa": [0.3, 0.5, 0.3], "rho": [0.5, 1, 0.5], "bits": [4, 16, 4]}]}
+    spec.update(overrides)
+    return spec
+
+
+def test_score_schedules_output_shape_and_dense_matches_ppl(tiny_model, tmp_path, capsys):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(_spec()))
+    rc, out, _ = _run(capsys, "score-schedules", "--model", str(tiny_model / "model"), str(path))
+    assert rc == 0
+    results = json.loads(out)["results"]
+    assert [(r["block"], r["schedule"]) for r in results] == [(0, "dense"), (0, "tight"), (1, "dense"), (1, "tight")]
+    for r in results:
+        assert len(r["logprobs"]) == len(r["attended_fraction"]) == 3
+        assert r["mean_logprob"] == pytest.approx(np.mean(r["logprobs"]))
+    assert results[0]["attended_fraction"] == [1.0, 1.0, 1.0]
+    assert results[1]["usage"]["quant"] == pytest.approx((4 + 16 + 4) / 3 / 16)
+    assert results[1]["logprobs"] != results[0]["logprobs"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"schedules": [{"name": "x", "kappa": [0, 1, 1], "rho": [1, 1, 1], "bits": [16, 16, 16]}]}, "kappa"),
+    ({"schedules": [{"name": "x", "kappa": [1, 1], "rho": [1, 1, 1], "bits": [16, 16, 16]}]}, "same length"),
+    ({"schedules": [{"name": "x", "kappa": [1, 1, 1], "rho": [1, 1, 1], "bits": [1, 16, 16]}]}, "bits"),
+    ({"blocks": [[1, 2, 3]]}, "at least"),
+    ({"blocks": [[1, 2, 3, 4, 500, 6]]}, "outside"),
+    ({"criterion": "lottery"}, "criterion"),
+])
+def test_score_schedules_bad_input(tiny_model, tmp_path, capsys, overrides, needle):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(_spec(**overrides)))
+    rc, _, err = _run(capsys, "score-schedules", "--model", str(tiny_model / "model"), str(path))
+    _assert_one_line_error(rc, err, needle)
