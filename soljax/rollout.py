@@ -1,76 +1,202 @@
-"""Teacher-forced counterfactual rollouts: one dense prefill per block, K schedules over T steps.
+"""The counterfactual rollout engine: one dense prefill per block, K schedules over T steps.
 
 For each block of ``M + T + 1`` tokens, the first M are prefilled densely once (shared prefix);
-then, for t = 0..T-1, every schedule feeds token ``M + t`` under its own controls and is scored on
-token ``M + t + 1``. All B x K rows run in one ``lax.scan`` over t inside one compiled call.
+then, for t = 0..T-1, every schedule feeds token ``M + t`` under the compute its *controller*
+chooses and is scored on token ``M + t + 1``. All B x K rows run in one ``lax.scan`` over t inside
+one compiled call. Training, every baseline, evaluation and schedule experiments use this engine;
+only the controller changes (see :mod:`soljax.controllers`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import Controls, SparsityConfig, SuffixCache, controlled_step, prefill_shared
 
+NUM_SCALARS = 8
+
+
+class Observation(NamedTuple):
+    """What a controller sees before step t, per row ``[B, K, ...]``.
+
+    ``h_prev``: LM final-norm hidden state of the previous position (after the prefill at t=0);
+    ``tokens``/``tok_emb``: the token about to be processed and its LM input embedding;
+    ``scalars [B, K, 8]``: ``(t+1)/T, effective, C_tok, C_pru, C_q, dev_tok, dev_pru, dev_q`` with
+    ``dev`` the running mean usage over earlier effective steps minus the target (0 before any);
+    ``prev_action``: the previous action id (the controller's BOS id at t=0); ``t``: step index.
+    """
+
+    h_prev: jax.Array
+    tokens: jax.Array
+    tok_emb: jax.Array
+    scalars: jax.Array
+    prev_action: jax.Array
+    t: jax.Array
+
+
+class Trajectory(NamedTuple):
+    """A rollout, per ``[B, K, T]`` unless noted.
+
+    ``actions``/``logp_actions``: controller choices and their log-probabilities (0 for
+    deterministic controllers); ``logp_true``: log p of the true next token; ``kl_dense``:
+    KL(dense || compressed) of the next-token distribution (zeros unless requested);
+    ``effective``; ``attended`` (realized attended fraction); ``usage [B, K, T, 3]`` (nominal:
+    kappa, rho / rho_max, bits / 16); the observations ``h_prev [B, K, T, D]``, ``scalars
+    [B, K, T, 8]``, ``prev_action``; ``tokens [B, T]`` the inputs; ``h_last [B, K, D]`` the hidden
+    state after the last step; ``kept_keys [B, K, T, L, Hq]`` keys attended per layer and query
+    head (only with ``record_kept``).
+    """
+
+    actions: jax.Array
+    logp_actions: jax.Array
+    logp_true: jax.Array
+    kl_dense: jax.Array
+    effective: jax.Array
+    attended: jax.Array
+    usage: jax.Array
+    h_prev: jax.Array
+    scalars: jax.Array
+    prev_action: jax.Array
+    tokens: jax.Array
+    h_last: jax.Array
+    kept_keys: jax.Array | None = None
+
+
+def step_scalars(t, T: int, effective, targets, usage_sum, eff_count):
+    """The 8 policy scalars ``[B, K, 8]`` for step t (see :class:`Observation`)."""
+    B, K = effective.shape
+    tgt = jnp.broadcast_to(targets[:, None, :], (B, K, 3))
+    mean = jnp.where(eff_count[..., None] > 0, usage_sum / jnp.maximum(eff_count, 1)[..., None], tgt)
+    frac = jnp.full((B, K, 1), (t + 1) / T, jnp.float32)
+    return jnp.concatenate([frac, effective[..., None].astype(jnp.float32), tgt, mean - tgt], axis=-1)
+
+
+def usage_per_step(controls: Controls, rho_max: float) -> jax.Array:
+    """``[..., 3]`` nominal usage (kappa, rho / rho_max, bits / 16) of controls ``[...]``."""
+    return jnp.stack([controls.kappa.astype(jnp.float32), controls.rho.astype(jnp.float32) / rho_max,
+                      controls.bits.astype(jnp.float32) / 16.0], axis=-1)
+
+
+def episode_usage(usage: jax.Array, effective: jax.Array) -> jax.Array:
+    """Mean of ``usage [..., T, 3]`` over effective steps -> ``[..., 3]``."""
+    eff = effective.astype(jnp.float32)[..., None]
+    return (usage * eff).sum(-2) / jnp.maximum(eff.sum(-2), 1.0)
+
+
+def _kl(logits_p, logits_q):
+    lp, lq = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "context_len", "schedules",
+                                             "dense_kl", "feed_effective",
+                                             "record_kept"))
+def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array, targets: jax.Array,
+            controller, ctrl_params: Any, key: jax.Array, *, context_len: int, schedules: int,
+            dense_kl: bool = False, feed_effective: bool = False, record_kept: bool = False) -> Trajectory:
+    """Runs ``schedules`` (K) controlled rollouts per block, teacher-forced.
+
+    ``blocks [B, M + T + 1]`` token ids with ``M = context_len``; ``targets [B, 3]`` budget targets
+    (token, prune, quant ratio) shared by a block's K rollouts; ``controller``: a static object
+    with ``init(ctrl_params, B, K, T)`` and ``act(ctrl_params, state, obs, targets, key) ->
+    (controls, actions, logp, state)`` plus attributes ``bos_id`` and ``rho_max`` (see
+    :mod:`soljax.controllers`); ``dense_kl`` adds one dense row per block and records
+    KL(dense || compressed); ``feed_effective`` feeds back the action actually applied (dense on
+    non-effective steps) instead of the chosen one.
+    """
+    B, N = blocks.shape
+    M, K = context_len, schedules
+    T = N - M - 1
+    if T < 1:
+        raise ValueError(f"blocks of {N} tokens leave no step after a context of {M}")
+    R = K + 1 if dense_kl else K
+    h0, prefix = prefill_shared(cfg, scfg, params, blocks[:, :M], jnp.full((B,), M, jnp.int32))
+    targets = targets.astype(jnp.float32)
+    carry = dict(
+        suffix=SuffixCache.empty(cfg, B, R, T),
+        h_prev=jnp.broadcast_to(h0[:, None], (B, K, h0.shape[-1])),
+        prev_action=jnp.full((B, K), controller.bos_id, jnp.int32),
+        usage_sum=jnp.zeros((B, K, 3), jnp.float32),
+        eff_count=jnp.zeros((B, K), jnp.float32),
+        state=controller.init(ctrl_params, B, K, T),
+        key=key,
+    )
+    dense_row = Controls(kappa=jnp.ones((B, 1)), rho=jnp.ones((B, 1)), bits=jnp.full((B, 1), 16, jnp.int32))
+
+    def step(c, t):
+        tokens = jnp.broadcast_to(blocks[:, M + t][:, None], (B, K))
+        effective = jnp.broadcast_to(M + t + 1 > scfg.min_effective_kv, (B, K))
+        obs = Observation(h_prev=c["h_prev"], tokens=tokens, tok_emb=lm.embed(params, tokens),
+                          scalars=step_scalars(t, T, effective, targets, c["usage_sum"], c["eff_count"]),
+                          prev_action=c["prev_action"], t=t)
+        key, sub = jax.random.split(c["key"])
+        controls, actions, logp_a, state = controller.act(ctrl_params, c["state"], obs, targets, sub)
+        rows = controls
+        if dense_kl:
+            rows = Controls(*(jnp.concatenate([a.astype(d.dtype), d], axis=1) for a, d in zip(controls, dense_row)))
+            tokens_r = jnp.broadcast_to(blocks[:, M + t][:, None], (B, R))
+        else:
+            tokens_r = tokens
+        logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, c["suffix"], tokens_r, rows)
+        label = blocks[:, M + t + 1]
+        logp = jax.nn.log_softmax(logits[:, :K], axis=-1)
+        logp_true = jnp.take_along_axis(logp, jnp.broadcast_to(label[:, None, None], (B, K, 1)), -1)[..., 0]
+        kl = _kl(logits[:, K:], logits[:, :K]) if dense_kl else jnp.zeros((B, K), jnp.float32)
+        applied = Controls(kappa=jnp.where(effective, controls.kappa, 1.0), rho=jnp.where(effective, controls.rho, 1.0),
+                           bits=jnp.where(effective, controls.bits, 16))
+        usage = usage_per_step(applied, controller.rho_max)
+        eff = effective.astype(jnp.float32)
+        fed = jnp.where(effective, actions, controller.dense_id) if feed_effective else actions
+        new = dict(suffix=suffix, h_prev=h[:, :K], prev_action=fed.astype(jnp.int32),
+                   usage_sum=c["usage_sum"] + usage * eff[..., None], eff_count=c["eff_count"] + eff,
+                   state=state, key=key)
+        out = (actions, logp_a, logp_true, kl, effective, info.attended[:, :K], usage, obs.h_prev,
+               obs.scalars, obs.prev_action, info.kept_keys[:, :K] if record_kept else None)
+        return new, out
+
+    carry, outs = jax.lax.scan(step, carry, jnp.arange(T))
+    move = lambda a: jnp.moveaxis(a, 0, 2)  # noqa: E731  [T, B, K, ...] -> [B, K, T, ...]
+    actions, logp_a, logp_true, kl, effective, attended, usage, h_prev, scalars, prev_action = map(move, outs[:-1])
+    return Trajectory(actions=actions, logp_actions=logp_a, logp_true=logp_true, kl_dense=kl,
+                      effective=effective, attended=attended, usage=usage, h_prev=h_prev, scalars=scalars,
+                      prev_action=prev_action, tokens=blocks[:, M:M + T], h_last=carry["h_prev"],
+                      kept_keys=None if outs[-1] is None else move(outs[-1]))
+
 
 class ScheduleScores(NamedTuple):
-    """Per ``[B, K, T]``: log p of the true token, realized attended fraction, effective flag;
-    ``kept_keys [B, K, T, L, Hq]``: keys attended per layer and query head; ``hidden [B, K, T, D]``:
-    final-norm hidden state after each step; ``h0 [B, D]``: after the prefill."""
+    """Per ``[B, K, T]``: log p of the true token, realized attended fraction, effective flag,
+    nominal usage ``[B, K, T, 3]``; ``hidden [B, K, T, D]``: final-norm hidden state after each
+    step; ``kept_keys [B, K, T, L, Hq]``: keys attended per layer and query head."""
 
     logprobs: jax.Array
     attended: jax.Array
     effective: jax.Array
-    kept_keys: jax.Array
+    usage: jax.Array
     hidden: jax.Array
-    h0: jax.Array
+    kept_keys: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7))
 def run_schedules(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array, kappa: jax.Array,
                   rho: jax.Array, bits: jax.Array, context_len: int) -> ScheduleScores:
-    """Scores K fixed compute schedules on every block.
+    """Scores K fixed compute schedules on every block (the ``given_controls`` controller).
 
-    ``blocks [B, M + T + 1]`` token ids; ``kappa``/``rho``/``bits`` ``[B, K, T]`` (or ``[K, T]``,
-    shared by all blocks); ``context_len = M``.
+    ``blocks [B, M + T + 1]``; ``kappa``/``rho``/``bits`` ``[B, K, T]`` or ``[K, T]`` (shared by
+    all blocks); ``context_len = M``.
     """
-    B, N = blocks.shape
-    M = context_len
-    T = N - M - 1
-    if T < 1:
-        raise ValueError(f"blocks of {N} tokens leave no step after a context of {M}")
-    kappa, rho, bits = (jnp.broadcast_to(a, (B,) + a.shape[-2:]) for a in (kappa, rho, bits))
+    from soljax.controllers import GivenControls
+
+    B = blocks.shape[0]
+    kappa, rho, bits = (jnp.broadcast_to(jnp.asarray(a), (B,) + jnp.shape(a)[-2:]) for a in (kappa, rho, bits))
+    controls = Controls(kappa.astype(jnp.float32), rho.astype(jnp.float32), bits.astype(jnp.int32))
     K = kappa.shape[1]
-    h0, prefix = prefill_shared(cfg, scfg, params, blocks[:, :M], jnp.full((B,), M, jnp.int32))
-    suffix = SuffixCache.empty(cfg, B, K, T)
-
-    def step(suffix, t):
-        tokens = jnp.broadcast_to(blocks[:, M + t][:, None], (B, K))
-        controls = Controls(kappa=kappa[:, :, t], rho=rho[:, :, t], bits=bits[:, :, t])
-        logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, suffix, tokens, controls)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        label = blocks[:, M + t + 1]
-        lp = jnp.take_along_axis(logp, jnp.broadcast_to(label[:, None, None], (B, K, 1)), axis=-1)[..., 0]
-        return suffix, (lp, info.attended, info.effective, info.kept_keys, h)
-
-    _, (lp, attended, effective, kept, hidden) = jax.lax.scan(step, suffix, jnp.arange(T))
-    move = lambda a: jnp.moveaxis(a, 0, 2)  # noqa: E731  [T, B, K, ...] -> [B, K, T, ...]
-    return ScheduleScores(logprobs=move(lp), attended=move(attended), effective=move(effective),
-                          kept_keys=move(kept), hidden=move(hidden), h0=h0)
-
-
-def nominal_usage(kappa: jax.Array, rho: jax.Array, bits: jax.Array, effective: jax.Array,
-                  rho_max: float = 1.0) -> dict[str, jax.Array]:
-    """Episode-mean nominal usage per axis over effective steps (arrays ``[..., T]`` -> ``[...]``).
-
-    Token usage is kappa, prune usage rho / rho_max and quant usage bits / 16, as the budget
-    accounting charges them; steps that ran dense (not effective) are left out.
-    """
-    eff = effective.astype(jnp.float32)
-    n = jnp.maximum(eff.sum(-1), 1.0)
-    mean = lambda a: (a.astype(jnp.float32) * eff).sum(-1) / n  # noqa: E731
-    return {"token": mean(kappa), "prune": mean(rho) / rho_max, "quant": mean(bits) / 16.0}
+    traj = rollout(cfg, scfg, params, blocks, jnp.ones((B, 3)), GivenControls(), controls,
+                   jax.random.PRNGKey(0), context_len=context_len, schedules=K, record_kept=True)
+    hidden = jnp.concatenate([traj.h_prev[:, :, 1:], traj.h_last[:, :, None]], axis=2)
+    return ScheduleScores(logprobs=traj.logp_true, attended=traj.attended, effective=traj.effective,
+                          usage=traj.usage, hidden=hidden, kept_keys=traj.kept_keys)

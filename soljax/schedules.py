@@ -21,7 +21,7 @@ import numpy as np
 from soljax.errors import SoljaxError
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig
-from soljax.rollout import nominal_usage, run_schedules
+from soljax.rollout import episode_usage, run_schedules
 
 
 def _schedules(spec: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -86,8 +86,7 @@ def score_schedules(cfg: LMConfig, params: dict, spec: dict) -> dict:
         res = run_schedules(cfg, scfg, params, jnp.asarray([blocks[i] for i in idx], jnp.int32),
                             jnp.asarray(kappa), jnp.asarray(rho), jnp.asarray(bits), length - T - 1)
         lp, att, eff = (np.asarray(a) for a in (res.logprobs, res.attended, res.effective))
-        usage = nominal_usage(jnp.asarray(kappa)[None], jnp.asarray(rho)[None], jnp.asarray(bits)[None],
-                              res.effective)
+        usage = np.asarray(episode_usage(res.usage, res.effective))  # [B, K, 3]
         for row, i in enumerate(idx):
             for k, name in enumerate(names):
                 mean = float(lp[row, k].mean())
@@ -98,6 +97,6 @@ def score_schedules(cfg: LMConfig, params: dict, spec: dict) -> dict:
                     "effective": [bool(x) for x in eff[row, k]],
                     "mean_logprob": mean,
                     "ppl": math.exp(-mean),
-                    "usage": {a: float(u[row, k]) for a, u in usage.items()},
+                    "usage": dict(zip(("token", "prune", "quant"), map(float, usage[row, k]))),
                 }
     return {"results": out}
