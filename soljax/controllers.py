@@ -95,3 +95,33 @@ class GivenActions(_GridController):
         actions = ctrl_params[:, :, obs.t].astype(jnp.int32)
         B, K = actions.shape
         return self.controls(actions), actions, _deterministic(B, K), state
+
+
+@register_controller("policy")
+@dataclasses.dataclass(frozen=True)
+class PolicyController(_GridController):
+    """The SOL policy (``ctrl_params`` = its variables): sampled from its tempered logits, or
+    greedy. State: the policy's incremental cache over the episode's steps."""
+
+    grid: ActionGrid
+    policy: "PolicyConfig"  # noqa: F821  (soljax.policy.PolicyConfig)
+    greedy: bool = False
+
+    def init(self, ctrl_params, B, K, T):
+        from soljax.policy import init_cache
+
+        return init_cache(self.policy, B * K, T)
+
+    def act(self, ctrl_params, state, obs, targets, key):
+        from soljax import policy as pol
+
+        B, K = obs.tokens.shape
+        flat = lambda a: a.reshape((B * K,) + a.shape[2:])  # noqa: E731
+        module = pol.SOLPolicy(self.policy, self.grid.num_actions)
+        logits, state = module.apply(ctrl_params, state, flat(obs.h_prev), flat(obs.tok_emb), flat(obs.scalars),
+                                     flat(obs.prev_action), jnp.repeat(targets, K, axis=0),
+                                     method=pol.SOLPolicy.step)
+        actions = pol.greedy(logits) if self.greedy else pol.sample(logits, key)
+        logp = pol.log_prob(logits, actions)
+        actions = actions.reshape(B, K)
+        return self.controls(actions), actions, logp.reshape(B, K), state

@@ -27,6 +27,7 @@ batch mean.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -163,6 +164,7 @@ def penalty_alphas(grid: ActionGrid, alphas: Sequence[float]) -> tuple[float, fl
 # ---------------------------------------------------------------------------------------- pieces
 
 
+@jax.jit
 def kl_categorical(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
     """``KL(p || q)`` over the last axis of two logit arrays (computed from log-softmax, float32).
 
@@ -175,6 +177,7 @@ def kl_categorical(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
     return jnp.sum(p * diff, axis=-1)
 
 
+@jax.jit
 def entropy_categorical(logits: jax.Array) -> jax.Array:
     """Entropy of the softmax of ``logits`` over the last axis (float32)."""
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
@@ -185,16 +188,18 @@ def entropy_categorical(logits: jax.Array) -> jax.Array:
 def rewards(logp_true: jax.Array, kl_dense: jax.Array | None = None, w: float = 0.0) -> jax.Array:
     """Per-step reward ``(1 - w) * logp_true - w * kl_dense`` (``[B, K, T]``).
 
-    ``kl_dense`` is ``KL(p_dense || p_compressed)`` per step; it may be ``None`` only when ``w`` is 0.
+    ``kl_dense`` is ``KL(p_dense || p_compressed)`` per step (see :func:`kl_categorical`); it is
+    not read when ``w`` is 0 and may then be ``None``.
     """
     logp_true = jnp.asarray(logp_true, jnp.float32)
+    if isinstance(w, (int, float)) and w == 0:
+        return logp_true  # the KL term is unused (and may be absent)
     if kl_dense is None:
-        if isinstance(w, (int, float)) and w == 0:
-            return logp_true
         raise SoljaxError(f"task_w_kl = {w!r} needs the dense-KL per step, but kl_dense is None")
     return (1.0 - w) * logp_true - w * jnp.asarray(kl_dense, jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("agg",))
 def returns(r: jax.Array, gamma: float, agg: str | None = "sum",
             valid: jax.Array | None = None) -> jax.Array:
     """Returns over the last axis of ``r`` (``[..., T]``).
@@ -283,6 +288,7 @@ def whiten(x: jax.Array, std_floor: float = 1e-6) -> jax.Array:
     return (x - jnp.mean(x)) / _pop_std(x, None, std_floor)
 
 
+@functools.partial(jax.jit, static_argnames=("level", "norm", "whiten_global"))
 def advantages(R: jax.Array, level: str = "process", norm: str = "center", std_floor: float = 1e-6,
                whiten_global: bool = True) -> jax.Array:
     """Group-relative advantages ``[B, K, T]`` from penalized returns ``R`` ``[B, K, T]``.
@@ -354,6 +360,7 @@ def compute_advantages(cfg: GRPOConfig, logp_true: jax.Array, kl: jax.Array | No
 # ---------------------------------------------------------------------------------------- loss
 
 
+@jax.jit
 def ppo_loss(logp_new: jax.Array, logp_old: jax.Array, adv: jax.Array, entropy: jax.Array,
              mask: jax.Array | None = None, clip: float = 0.2, entropy_coef: float = 0.05,
              kl_ref: jax.Array | None = None, kl_ref_coef: float = 0.0,

@@ -324,7 +324,7 @@ def init_policy(cfg: PolicyConfig, num_actions: int, lm_hidden: int, lm_embed: i
     """Fresh policy variables ``{"params": ...}`` for LM widths ``lm_hidden`` (H) and ``lm_embed`` (E)."""
     num_actions = _check_num_actions(num_actions)
     module = SOLPolicy(cfg, num_actions)
-    return jax.jit(module.init)(key, *_dummy_inputs(cfg, num_actions, lm_hidden, lm_embed))
+    return module.init(key, *_dummy_inputs(cfg, num_actions, lm_hidden, lm_embed))
 
 
 def abstract_policy(cfg: PolicyConfig, num_actions: int, lm_hidden: int, lm_embed: int) -> dict:

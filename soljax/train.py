@@ -1,0 +1,329 @@
+"""GRPO training of the SOL policy: ``soljax train --config FILE [key=value ...]``.
+
+Per data batch: sample budget targets per block, roll out K policy-sampled schedules per block on
+the shared-prefix engine, turn log-likelihoods and budget penalties into group-relative
+advantages, and append the episodes to a buffer. When the buffer holds at least
+``ppo_target_batch_size`` step entries, one shuffled pass over it in minibatches of
+``ppo_minibatch_size // rollout_len`` episodes computes the PPO-clip loss; an AdamW step follows
+every ``grad_accum_steps`` minibatches (the counter crosses buffer boundaries). This is the
+reference implementation's update arithmetic, so its official configs reproduce their number of
+optimizer steps and their (mostly on-policy) ratios.
+
+The whole training state (policy, optimizer, gradient accumulator, buffer, data position, RNG) is
+one pytree, checkpointed with orbax every ``checkpoint_every`` optimizer updates, at the end and
+on interruption; ``--resume`` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from soljax.compress.actions import ActionGrid
+from soljax.config import AXES, TrainConfig
+from soljax.controllers import PolicyController
+from soljax.errors import SoljaxError
+from soljax.grpo import GRPOConfig, compute_advantages, kl_categorical, ppo_loss
+from soljax.lm.controlled import SparsityConfig
+from soljax.policy import PolicyConfig, SOLPolicy, entropy, init_policy, log_prob
+from soljax.rollout import episode_usage, rollout
+
+BUFFER_FIELDS = ("h_prev", "tokens", "scalars", "prev_action", "actions", "logp_old", "adv", "targets")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces built from the config
+
+
+def action_grid(cfg: TrainConfig) -> ActionGrid:
+    return ActionGrid(keep_fracs=cfg.keep_fracs, struct_prune_choices=cfg.struct_prune_choices,
+                      quant_choices=cfg.quant_choices)
+
+
+def sparsity_config(cfg: TrainConfig) -> SparsityConfig:
+    return SparsityConfig(criterion=cfg.sparsity_criteria, page_size=cfg.quest_page_size, sink_tokens=cfg.Ts,
+                          window_tokens=cfg.Tw, relevancy_tier=cfg.relevancy_tier)
+
+
+def policy_config(cfg: TrainConfig) -> PolicyConfig:
+    return PolicyConfig(d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
+                        mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim,
+                        max_len=cfg.policy_max_len, temperature=cfg.pi_temperature)
+
+
+def grpo_config(cfg: TrainConfig) -> GRPOConfig:
+    return GRPOConfig(reward_agg=cfg.reward_agg, gamma=cfg.reward_gamma, level=cfg.grpo_level, norm=cfg.grpo_norm,
+                      whiten=cfg.adv_whiten_global, alpha_token=cfg.alpha_tok, alpha_prune=cfg.alpha_prune,
+                      alpha_quant=cfg.alpha_quant, deadzone=cfg.budget_deadzone, task_w_kl=cfg.task_w_kl,
+                      clip=cfg.ppo_clip, entropy_coef=cfg.entropy_coef, kl_ref_coef=cfg.kl_pi_ref_coef,
+                      estimator=cfg.estimator)
+
+
+def sample_targets(cfg: TrainConfig, key: jax.Array, batch: int) -> jax.Array:
+    """Budget targets ``[B, 3]`` (token, prune, quant ratio), one per block."""
+    cols = []
+    for axis, k in zip(AXES, jax.random.split(key, 3)):
+        kind, values = cfg.budget_sampler(axis)
+        if kind == "list":
+            cols.append(jax.random.choice(k, jnp.asarray(values, jnp.float32), (batch,)))
+        elif kind == "uniform":
+            cols.append(jax.random.uniform(k, (batch,), jnp.float32, values[0], values[1]))
+        else:
+            cols.append(jnp.full((batch,), values[0], jnp.float32))
+    return jnp.stack(cols, axis=-1)
+
+
+def optimizer(cfg: TrainConfig, total_updates: int) -> optax.GradientTransformation:
+    if cfg.lr_schedule == "constant":
+        lr = optax.constant_schedule(cfg.lr)
+    else:
+        decay = max(1, total_updates - cfg.warmup_updates)
+        tail = (optax.cosine_decay_schedule(cfg.lr, decay) if cfg.lr_schedule == "cosine"
+                else optax.linear_schedule(cfg.lr, 0.0, decay))
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_updates), tail],
+                                  [cfg.warmup_updates]) if cfg.warmup_updates else tail
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Holds the frozen LM, the data and the compiled steps; :meth:`run` trains."""
+
+    def __init__(self, cfg: TrainConfig, lm: tuple | None = None, blocks: np.ndarray | None = None):
+        from soljax.data import load_blocks
+        from soljax.lm.checkpoint import load_model
+
+        self.cfg = cfg
+        if lm is None:
+            model_dir = cfg.model
+            if model_dir == "embedded":
+                from soljax.embedded import ensure_embedded_model
+
+                model_dir = ensure_embedded_model()
+            lm = load_model(Path(model_dir), dtype=cfg.dtype)
+        self.lm_cfg, self.lm_params, self.tokenizer = lm
+        if blocks is None:
+            blocks = load_blocks(cfg.data, self.tokenizer, context_len=cfg.context_len, rollout_len=cfg.rollout_len,
+                                 seed=cfg.seed, max_blocks=cfg.max_blocks)
+        self.blocks = np.asarray(blocks, np.int32)
+        n_batches = int(math.floor(cfg.train_fraction * len(self.blocks) / cfg.batch_size))
+        self.num_batches = min(n_batches, cfg.max_batches) if cfg.max_batches else n_batches
+        if self.num_batches < 1:
+            raise SoljaxError(f"not enough data: {len(self.blocks)} blocks give no batch of {cfg.batch_size}")
+        self.grid = action_grid(cfg)
+        self.scfg = sparsity_config(cfg)
+        self.pcfg = policy_config(cfg)
+        self.gcfg = grpo_config(cfg)
+        self.alphas = self.gcfg.penalty_alphas(self.grid)
+        self.controller = PolicyController(grid=self.grid, policy=self.pcfg)
+        self.module = SOLPolicy(self.pcfg, self.grid.num_actions)
+        B, K, T = cfg.batch_size, cfg.grpo_rollouts_per_input, cfg.rollout_len
+        self.batches_per_buffer = math.ceil(cfg.ppo_target_batch_size / (T * B * K))
+        self.capacity = self.batches_per_buffer * B * K
+        self.mb_size = max(1, cfg.ppo_minibatch_size // T)
+        self.num_minibatches = math.ceil(self.capacity / self.mb_size)
+        total_updates = self.num_batches // self.batches_per_buffer * self.num_minibatches // cfg.grad_accum_steps
+        self.total_updates = total_updates
+        self.tx = optimizer(cfg, max(1, total_updates))
+        self._collect = jax.jit(self._collect_impl)
+        self._learn = jax.jit(self._learn_impl)
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self) -> dict:
+        cfg = self.cfg
+        key = jax.random.PRNGKey(cfg.seed)
+        key, k_init = jax.random.split(key)
+        D = self.lm_cfg.hidden_size
+        params = init_policy(self.pcfg, self.grid.num_actions, D, D, k_init)
+        T, cap = cfg.rollout_len, self.capacity
+        buffer = {
+            "h_prev": jnp.zeros((cap, T, D), jnp.float32), "tokens": jnp.zeros((cap, T), jnp.int32),
+            "scalars": jnp.zeros((cap, T, 8), jnp.float32), "prev_action": jnp.zeros((cap, T), jnp.int32),
+            "actions": jnp.zeros((cap, T), jnp.int32), "logp_old": jnp.zeros((cap, T), jnp.float32),
+            "adv": jnp.zeros((cap, T), jnp.float32), "targets": jnp.zeros((cap, 3), jnp.float32),
+        }
+        return {
+            "policy": params,
+            "ref": params if cfg.kl_pi_ref_coef > 0 else {},
+            "opt": self.tx.init(params),
+            "grad_acc": jax.tree.map(jnp.zeros_like, params),
+            "accum": jnp.zeros((), jnp.int32),
+            "buffer": buffer,
+            "fill": jnp.zeros((), jnp.int32),
+            "batch": jnp.zeros((), jnp.int32),
+            "updates": jnp.zeros((), jnp.int32),
+            "key": key,
+        }
+
+    def abstract_state(self) -> dict:
+        return jax.eval_shape(self.init_state)
+
+    # ------------------------------------------------------------------ compiled pieces
+
+    def _collect_impl(self, state: dict, blocks: jax.Array):
+        """Rollout + advantages for one data batch, appended to the buffer."""
+        cfg = self.cfg
+        B, K, T = cfg.batch_size, cfg.grpo_rollouts_per_input, cfg.rollout_len
+        key, k_targets, k_roll = jax.random.split(state["key"], 3)
+        targets = sample_targets(cfg, k_targets, B)
+        traj = rollout(self.lm_cfg, self.scfg, self.lm_params, blocks, targets, self.controller, state["policy"],
+                       k_roll, context_len=cfg.context_len, schedules=K, dense_kl=cfg.task_w_kl > 0)
+        u = episode_usage(traj.usage, traj.effective)  # [B, K, 3]
+        usage = {"token": u[..., 0], "prune": u[..., 1], "quant": u[..., 2]}
+        adv, diag = compute_advantages(self.gcfg, traj.logp_true, traj.kl_dense, usage, targets, self.alphas)
+        flat = lambda a: a.reshape((B * K,) + a.shape[2:])  # noqa: E731
+        new = {
+            "h_prev": flat(traj.h_prev).astype(jnp.float32),
+            "tokens": jnp.repeat(traj.tokens, K, axis=0),
+            "scalars": flat(traj.scalars), "prev_action": flat(traj.prev_action), "actions": flat(traj.actions),
+            "logp_old": flat(traj.logp_actions), "adv": flat(adv), "targets": jnp.repeat(targets, K, axis=0),
+        }
+        buffer = {k: jax.lax.dynamic_update_slice_in_dim(state["buffer"][k], new[k], state["fill"], axis=0)
+                  for k in BUFFER_FIELDS}
+        metrics = dict(diag)
+        metrics.update(
+            logp_true=traj.logp_true.mean(), kl_dense=traj.kl_dense.mean(), attended=traj.attended.mean(),
+            **{f"target_{a}": targets[:, i].mean() for i, a in enumerate(("token", "prune", "quant"))},
+            gap_abs_mean=jnp.abs(u - targets[:, None, :]).mean(),
+        )
+        state = dict(state, buffer=buffer, fill=state["fill"] + B * K, key=key, batch=state["batch"] + 1)
+        return state, metrics
+
+    def _loss(self, params, ref, mb: dict, mask: jax.Array, embed: jax.Array):
+        tok_emb = jnp.take(embed, mb["tokens"], axis=0).astype(jnp.float32)
+        args = (mb["h_prev"], tok_emb, mb["scalars"], mb["prev_action"], mb["targets"])
+        logits = self.module.apply(params, *args)
+        kl_ref = None
+        if self.cfg.kl_pi_ref_coef > 0:
+            kl_ref = kl_categorical(logits, jax.lax.stop_gradient(self.module.apply(ref, *args)))
+        loss_sum, denom, aux = ppo_loss(log_prob(logits, mb["actions"]), mb["logp_old"], mb["adv"], entropy(logits),
+                                        mask, self.cfg.ppo_clip, self.cfg.entropy_coef, kl_ref, self.cfg.kl_pi_ref_coef)
+        return loss_sum / jnp.maximum(denom, 1.0), aux
+
+    def _learn_impl(self, state: dict):
+        """One shuffled pass over the full buffer; optimizer steps every grad_accum minibatches."""
+        cfg = self.cfg
+        key, k_perm = jax.random.split(state["key"])
+        n, mbs, nmb = self.capacity, self.mb_size, self.num_minibatches
+        perm = jax.random.permutation(k_perm, n)
+        idx = jnp.concatenate([perm, jnp.zeros((nmb * mbs - n,), perm.dtype)]).reshape(nmb, mbs)
+        valid = (jnp.arange(nmb * mbs) < n).reshape(nmb, mbs)
+        embed = self.lm_params["embed"]
+        grad_fn = jax.grad(self._loss, has_aux=True)
+
+        def minibatch(carry, xs):
+            params, opt, acc, accum, updates, gnorm = carry
+            rows, ok = xs
+            mb = {k: jnp.take(state["buffer"][k], rows, axis=0) for k in BUFFER_FIELDS}
+            mask = jnp.broadcast_to(ok[:, None], (mbs, cfg.rollout_len)).astype(jnp.float32)
+            grads, aux = grad_fn(params, state["ref"], mb, mask, embed)
+            acc = jax.tree.map(lambda a, g: a + g / cfg.grad_accum_steps, acc, grads)
+            accum = accum + 1
+
+            def step(args):
+                params, opt, acc = args
+                norm = optax.tree.norm(acc)
+                upd, opt = self.tx.update(acc, opt, params)
+                return optax.apply_updates(params, upd), opt, jax.tree.map(jnp.zeros_like, acc), norm
+
+            def hold(args):
+                params, opt, acc = args
+                return params, opt, acc, gnorm
+
+            do = accum >= cfg.grad_accum_steps
+            params, opt, acc, gnorm = jax.lax.cond(do, step, hold, (params, opt, acc))
+            return (params, opt, acc, jnp.where(do, 0, accum), updates + do.astype(jnp.int32), gnorm), aux
+
+        carry = (state["policy"], state["opt"], state["grad_acc"], state["accum"], state["updates"],
+                 jnp.zeros((), jnp.float32))
+        (params, opt, acc, accum, updates, gnorm), aux = jax.lax.scan(minibatch, carry, (idx, valid))
+        state = dict(state, policy=params, opt=opt, grad_acc=acc, accum=accum, updates=updates,
+                     fill=jnp.zeros((), jnp.int32), key=key)
+        metrics = {k: v.mean() for k, v in aux.items()}
+        metrics["grad_norm"] = gnorm
+        return state, metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def batch_blocks(self, index: int) -> np.ndarray:
+        B = self.cfg.batch_size
+        return self.blocks[index * B:(index + 1) * B]
+
+    def train_step(self, state: dict) -> tuple[dict, dict]:
+        """One data batch (and, when the buffer is full, one pass of updates)."""
+        start = time.perf_counter()
+        state, metrics = self._collect(state, jnp.asarray(self.batch_blocks(int(state["batch"]))))
+        jax.block_until_ready(state)
+        rollout_s = time.perf_counter() - start
+        cfg = self.cfg
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["rollout_s"] = rollout_s
+        metrics["schedule_steps_per_s"] = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len / rollout_s
+        if int(state["fill"]) >= self.capacity:
+            t0 = time.perf_counter()
+            state, learn = self._learn(state)
+            learn = {k: float(v) for k, v in learn.items()}
+            metrics.update(learn)
+            metrics["learn_s"] = time.perf_counter() - t0
+        metrics["batch"] = int(state["batch"])
+        metrics["updates"] = int(state["updates"])
+        return state, metrics
+
+    def run(self, out_dir: Path, resume: bool = False, progress: bool = True,
+            on_batch: Callable[[dict, dict], None] | None = None) -> dict:
+        """Trains to the end of the data (or ``max_batches``); returns the final state."""
+        from soljax.train_io import RunWriter
+
+        writer = RunWriter(Path(out_dir), self.cfg, keep=self.cfg.keep_checkpoints)
+        state = writer.restore(self.abstract_state()) if resume else None
+        if state is None:
+            if resume:
+                print(f"soljax: no checkpoint in {out_dir}; starting a new run", file=sys.stderr)
+            writer.start_fresh()
+            state = self.init_state()
+        first = int(state["batch"])
+        last_ckpt = int(state["updates"])
+        bar = writer.progress(total=self.num_batches, initial=first, enabled=progress)
+        try:
+            while int(state["batch"]) < self.num_batches:
+                state, metrics = self.train_step(state)
+                writer.log(metrics)
+                bar.update(1)
+                bar.set_postfix(upd=metrics["updates"], pen=f"{metrics['penalty_mean']:.3f}",
+                                rew=f"{metrics['reward_mean']:.2f}", refresh=False)
+                if int(state["updates"]) - last_ckpt >= self.cfg.checkpoint_every:
+                    writer.save(state)
+                    last_ckpt = int(state["updates"])
+                if on_batch is not None:
+                    on_batch(state, metrics)
+        except KeyboardInterrupt:
+            writer.save(state)
+            bar.close()
+            print(f"\nsoljax: interrupted; state saved at batch {int(state['batch'])} "
+                  f"(continue with --resume)", file=sys.stderr)
+            raise
+        bar.close()
+        writer.save(state, final=True)
+        writer.finish()
+        return state
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Builds a :class:`Trainer` for ``cfg`` and runs it into ``out_dir`` (default ``cfg.out_dir``)."""
+    trainer = Trainer(cfg)
+    return trainer.run(Path(out_dir or cfg.out_dir), resume=resume, progress=progress)

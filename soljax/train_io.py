@@ -1,0 +1,136 @@
+"""A training run's directory: saved config, orbax checkpoints, JSONL + TensorBoard metrics, plots.
+
+::
+
+    <out_dir>/config.yaml        the run's full config
+    <out_dir>/checkpoints/<n>/   orbax checkpoints of the whole training state (n = data batches)
+    <out_dir>/metrics.jsonl      one JSON object per data batch
+    <out_dir>/tb/                TensorBoard event files
+    <out_dir>/training.png       reward, penalty and budget adherence curves
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from soljax.config import TrainConfig
+from soljax.errors import SoljaxError
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "log_every", "out_dir"}
+
+
+class RunWriter:
+    def __init__(self, out_dir: Path, cfg: TrainConfig, keep: int = 3):
+        self.out_dir = Path(out_dir)
+        self.cfg = cfg
+        self.keep = keep
+        self._tb = None
+        self._manager = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _mgr(self):
+        if self._manager is None:
+            import orbax.checkpoint as ocp
+
+            opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True)
+            self._manager = ocp.CheckpointManager((self.out_dir / "checkpoints").absolute(), options=opts)
+        return self._manager
+
+    def start_fresh(self) -> None:
+        """Starts a new run in ``out_dir`` (refusing to mix with an existing run's checkpoints)."""
+        ckpts = self.out_dir / "checkpoints"
+        if ckpts.is_dir() and any(ckpts.iterdir()):
+            raise SoljaxError(f"{self.out_dir} already holds a run: pass --resume to continue it or choose "
+                              "another out_dir")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        (self.out_dir / "metrics.jsonl").write_text("")
+
+    def restore(self, abstract_state: dict) -> dict | None:
+        import orbax.checkpoint as ocp
+
+        if not (self.out_dir / "checkpoints").is_dir():
+            return None
+        saved = self.out_dir / "config.yaml"
+        if saved.is_file():
+            old = yaml.safe_load(saved.read_text()) or {}
+            new = self.cfg.to_dict()
+            changed = sorted(k for k in set(old) | set(new)
+                             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+            if changed:
+                raise SoljaxError(f"cannot resume {self.out_dir}: the config differs in {changed}")
+        step = self._mgr().latest_step()
+        if step is None:
+            return None
+        try:
+            state = self._mgr().restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:
+            raise SoljaxError(f"cannot restore the checkpoint at {self.out_dir}/checkpoints/{step}: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        self._truncate_metrics(int(state["batch"]))
+        print(f"soljax: resuming {self.out_dir} at data batch {int(state['batch'])}", file=sys.stderr)
+        return state
+
+    def _truncate_metrics(self, batch: int) -> None:
+        """Drops metric lines written after the restored checkpoint (they will be redone)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [ln for ln in path.read_text().split("\n") if ln.strip() and json.loads(ln)["batch"] <= batch]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(self, state: dict, final: bool = False) -> None:
+        import orbax.checkpoint as ocp
+
+        step = int(state["batch"])
+        mgr = self._mgr()
+        if mgr.latest_step() != step:
+            mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+        mgr.wait_until_finished()
+
+    # ------------------------------------------------------------------ metrics
+
+    def log(self, metrics: dict) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:
+                self._tb = False
+        if self._tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, metrics["batch"])
+
+    def progress(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", unit="batch", disable=not enabled,
+                    file=sys.stderr, dynamic_ncols=True)
+
+    def finish(self) -> None:
+        if self._tb:
+            self._tb.close()
+        if self._manager is not None:
+            self._manager.close()
+        from soljax.plots import plot_training
+
+        plot_training(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
+
+
+def remove_run(out_dir: Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
