@@ -124,6 +124,19 @@ def cmd_score_schedules(args) -> None:
     print(json.dumps(score_schedules(cfg, params, spec)))
 
 
+def cmd_train(args) -> None:
+    from soljax.config import TrainConfig
+    from soljax.train import train
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    out = Path(args.out or cfg.out_dir)
+    try:
+        train(cfg, out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise
+    print(f"soljax: run written to {out} (metrics.jsonl, training.png, checkpoints/)", file=sys.stderr)
+
+
 def cmd_demo(args) -> None:
     """The main job on the embedded default (grows into the full SOL demo)."""
     cmd_setup(argparse.Namespace(no_mmlu=False))
@@ -175,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("input", help="JSON with 'blocks', 'schedules' and optional sparsity settings")
     s.set_defaults(fn=cmd_score_schedules)
+
+    s = sub.add_parser("train", help="train a SOL policy with GRPO")
+    s.add_argument("--config", help="YAML config (see configs/default.yaml); defaults when omitted")
+    s.add_argument("--out", help="run directory (default: the config's out_dir)")
+    s.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("demo", help="the main job on the embedded default")
     s.set_defaults(fn=cmd_demo)

@@ -40,6 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from soljax.compress.select import top_k_mask
 from soljax.errors import SoljaxError
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -214,11 +215,8 @@ def select_pages(scores: jax.Array, page_valid: jax.Array, n_pages_keep: jax.Arr
     n_valid = page_valid.sum(axis=-1).astype(jnp.int32)
     n_req = _rows(n_pages_keep, jnp.int32)
     n = jnp.clip(n_req, 1, jnp.maximum(n_valid, 1))
-    P = scores.shape[-1]
-    ascending = jnp.sort(jnp.where(pv, scores, -jnp.inf), axis=-1)
-    idx = jnp.broadcast_to(jnp.clip(P - n, 0, P - 1)[expand + (None,)], scores.shape[:-1] + (1,))
-    thr = jnp.take_along_axis(ascending, idx, axis=-1)
-    keep = (scores >= thr) & pv
+    n = jnp.broadcast_to(n[expand], scores.shape[:-1])
+    keep = top_k_mask(jnp.where(pv, scores, -jnp.inf), n) & pv & ~jnp.isnan(scores)  # NaN: never kept
     everything = (n_req >= n_valid)[expand + (None,)]
     return keep | (everything & pv)
 
@@ -405,10 +403,8 @@ def relevancy_keep_logits(logits: jax.Array, positions: jax.Array, kv_len: jax.A
     scores = logits.astype(jnp.float32)
     scores = scores if tier == "per_head" else scores.max(axis=1, keepdims=True)
     masked = jnp.where(eligible[:, None, :], scores, -jnp.inf)
-    ascending = jnp.sort(masked, axis=-1)
-    idx = jnp.broadcast_to(jnp.clip(N - n, 0, N - 1)[:, None, None], masked.shape[:-1] + (1,))
-    thr = jnp.take_along_axis(ascending, idx, axis=-1)
-    chosen = (masked >= thr) & eligible[:, None, :] & (n > 0)[:, None, None]
+    k = jnp.broadcast_to(jnp.clip(n, 1, N)[:, None], masked.shape[:-1])
+    chosen = top_k_mask(masked, k) & eligible[:, None, :] & (n > 0)[:, None, None]
     return jnp.broadcast_to(chosen | always[:, None, :], (R, Hq, N))
 
 

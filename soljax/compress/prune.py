@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from soljax.compress.select import top_k_mask
+
 
 def per_vector(v, x: jax.Array, dtype) -> jax.Array:
     """Broadcasts a per-row control to ``x.shape[:-1]``, aligning its axes with x's leading axes.
@@ -38,10 +40,7 @@ def prune_mask(x: jax.Array, rho: jax.Array) -> jax.Array:
     """Boolean keep mask ``[..., D]`` of :func:`prune_topk` (``rho`` shaped like a prefix of x's rows)."""
     D = x.shape[-1]
     k = prune_counts(per_vector(rho, x, jnp.float32), D)  # x.shape[:-1]
-    mag = jnp.abs(x)
-    ascending = jnp.sort(mag, axis=-1)
-    thr = jnp.take_along_axis(ascending, (D - k)[..., None], axis=-1)  # the k-th largest
-    return mag >= thr
+    return top_k_mask(jnp.abs(x), k)
 
 
 def prune_topk(x: jax.Array, rho: jax.Array) -> jax.Array:
