@@ -92,3 +92,35 @@ def grouped_values(probs_bkgts: jax.Array, v_bshk: jax.Array) -> jax.Array:
     B, Hkv, G, T, _ = probs_bkgts.shape
     out = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bshk.dtype), v_bshk)
     return out.reshape(B, T, Hkv * G, v_bshk.shape[-1])
+
+
+def causal_self_attention(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, lengths_b: jax.Array,
+                          mask_value: float, chunk: int = 256) -> jax.Array:
+    """Causal attention of T new tokens over themselves, query chunk by query chunk.
+
+    Heads are moved in front (``[B, Hkv, G*T, Dh]``) so each chunk is one batched matmul, and query
+    chunk ``[t0, t1)`` only reads keys ``[0, t1)``: the upper triangle of the score matrix is never
+    computed. Keys at positions ``>= lengths_b[b]`` are masked. Returns ``[B, T, Hq, Dh]``.
+    """
+    B, T, Hq, Dh = q_bthk.shape
+    Hkv = k_bshk.shape[2]
+    G = Hq // Hkv
+    qh = q_bthk.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+    kh = k_bshk.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    vh = v_bshk.transpose(0, 2, 1, 3)
+    scale = 1.0 / math.sqrt(Dh)
+    key_valid = jnp.arange(T)[None, :] < lengths_b[:, None]  # [B, T]
+    outs = []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        C = t1 - t0
+        qc = qh[:, :, :, t0:t1].reshape(B, Hkv, G * C, Dh)
+        logits = jnp.einsum("bkqd,bksd->bkqs", qc, kh[:, :, :t1], preferred_element_type=jnp.float32)
+        logits = logits.reshape(B, Hkv, G, C, t1) * scale
+        causal = jnp.arange(t1)[None, :] <= jnp.arange(t0, t1)[:, None]  # [C, t1]
+        mask = causal[None] & key_valid[:, None, :t1]  # [B, C, t1]
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, mask_value), axis=-1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(B, Hkv, G * C, t1).astype(vh.dtype), vh[:, :, :t1])
+        outs.append(out.reshape(B, Hkv, G, C, Dh))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, Dh)

@@ -56,14 +56,16 @@ def logits(cfg: LMConfig, params: dict, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, new_valid_bts, cache):
+def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b, cache):
     """Runs all layers on new tokens, attending to ``cache`` (if given) and causally to themselves.
+
+    ``lengths_b``: how many of the T new tokens of each row are real.
 
     Returns final-norm hidden states ``[B, T, D]`` and the new keys/values ``[L, B, T, Hkv, Dh]``.
     """
     inv_freq = L.rope_inv_freq(cfg)
     x = embed(params, tokens_bt)
-    new_mask = new_valid_bts[:, None, None]  # [B, 1, 1, T, T]
+    new_mask = _causal_valid(lengths_b, tokens_bt.shape[1])[:, None, None]  # [B, 1, 1, T, T]
     if cache is not None:
         S = cache.capacity
         cache_mask = (jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, None, None, :]
@@ -75,10 +77,10 @@ def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, new_valid_
         lp, ck, cv = xs
         h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = L.project_qkv(lp, h, positions_bt, cfg, inv_freq)
-        scores = jnp.where(new_mask, L.grouped_logits(q, k), MASK_VALUE)
         if ck is None:
-            attn = L.grouped_values(jax.nn.softmax(scores, axis=-1), v)
+            attn = L.causal_self_attention(q, k, v, lengths_b, MASK_VALUE)
         else:
+            scores = jnp.where(new_mask, L.grouped_logits(q, k), MASK_VALUE)
             cached = jnp.where(cache_mask, L.grouped_logits(q, ck), MASK_VALUE)
             probs = jax.nn.softmax(jnp.concatenate([cached, scores], axis=-1), axis=-1)
             S = ck.shape[1]
@@ -103,7 +105,7 @@ def forward(cfg: LMConfig, params: dict, tokens_bt: jax.Array, lengths_b: jax.Ar
     B, T = tokens_bt.shape
     lengths_b = jnp.full((B,), T, jnp.int32) if lengths_b is None else lengths_b
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h, _, _ = _run_layers(cfg, params, tokens_bt, positions, _causal_valid(lengths_b, T), None)
+    h, _, _ = _run_layers(cfg, params, tokens_bt, positions, lengths_b, None)
     return h
 
 
@@ -117,7 +119,7 @@ def prefill(cfg: LMConfig, params: dict, tokens_bt: jax.Array, lengths_b: jax.Ar
     if capacity < T:
         raise ValueError(f"cache capacity {capacity} is smaller than the prompt length {T}")
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h, k, v = _run_layers(cfg, params, tokens_bt, positions, _causal_valid(lengths_b, T), None)
+    h, k, v = _run_layers(cfg, params, tokens_bt, positions, lengths_b, None)
     pad = ((0, 0), (0, 0), (0, capacity - T), (0, 0), (0, 0))
     return h, KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), lengths=lengths_b.astype(jnp.int32))
 
@@ -144,7 +146,7 @@ def extend(cfg: LMConfig, params: dict, cache: KVCache, tokens_bt: jax.Array,
     B, T = tokens_bt.shape
     num_new_b = jnp.full((B,), T, jnp.int32) if num_new_b is None else num_new_b
     positions = cache.lengths[:, None] + jnp.arange(T)[None, :]
-    h, k, v = _run_layers(cfg, params, tokens_bt, positions, _causal_valid(num_new_b, T), cache)
+    h, k, v = _run_layers(cfg, params, tokens_bt, positions, num_new_b, cache)
     valid = jnp.arange(T)[None, :] < num_new_b[:, None]
     return h, _write(cache, k, v, positions, valid)
 
@@ -153,7 +155,7 @@ def extend(cfg: LMConfig, params: dict, cache: KVCache, tokens_bt: jax.Array,
 def decode_step(cfg: LMConfig, params: dict, cache: KVCache, tokens_b: jax.Array):
     """One decode step: appends one token per row. Returns ``(logits [B, V] fp32, h [B, D], cache)``."""
     positions = cache.lengths[:, None]
-    valid = jnp.ones((tokens_b.shape[0], 1, 1), bool)
-    h, k, v = _run_layers(cfg, params, tokens_b[:, None], positions, valid, cache)
-    cache = _write(cache, k, v, positions, valid[:, :, 0])
+    ones = jnp.ones((tokens_b.shape[0],), jnp.int32)
+    h, k, v = _run_layers(cfg, params, tokens_b[:, None], positions, ones, cache)
+    cache = _write(cache, k, v, positions, ones[:, None] > 0)
     return logits(cfg, params, h[:, 0]), h[:, 0], cache
