@@ -98,8 +98,8 @@ def test_mixed_rows_equal_each_row_alone(criterion):
         for k in range(K):
             alone_controls = [Controls(*(a[b:b + 1, k:k + 1] for a in c)) for c in controls]
             alone, _ = _rollout(scfg, alone_controls, TOKENS[b:b + 1], LENGTHS[b:b + 1], 1)
-            scale = float(jnp.abs(alone).max())  # fp32: agreement to 1e-6 of the logit scale
-            np.testing.assert_allclose(together[:, b, k], alone[:, 0, 0], atol=1e-6 * scale, rtol=0)
+            scale = float(jnp.abs(alone).max())  # fp32 across batch shapes: ~1e-6 of the logit scale
+            np.testing.assert_allclose(together[:, b, k], alone[:, 0, 0], atol=2e-6 * scale, rtol=0)
 
 
 def test_non_effective_steps_run_dense():
