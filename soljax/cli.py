@@ -137,6 +137,14 @@ def cmd_train(args) -> None:
     print(f"soljax: run written to {out} (metrics.jsonl, training.png, checkpoints/)", file=sys.stderr)
 
 
+def cmd_bench(args) -> None:
+    from soljax.bench import bench_rollout, format_table
+
+    say = None if args.json else (lambda msg: print(f"soljax: benchmarking {msg}...", file=sys.stderr))
+    result = bench_rollout(tuple(args.context), tuple(args.engines), args.repeats, progress=say)
+    print(json.dumps(result) if args.json else format_table(result))
+
+
 def cmd_demo(args) -> None:
     """The main job on the embedded default (grows into the full SOL demo)."""
     cmd_setup(argparse.Namespace(no_mmlu=False))
@@ -196,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update)")
+    s.add_argument("what", choices=["rollout"])
+    s.add_argument("--context", type=int, nargs="+", default=[256, 1024], help="context lengths M")
+    s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("demo", help="the main job on the embedded default")
     s.set_defaults(fn=cmd_demo)

@@ -41,6 +41,7 @@ class TrainConfig:
     relevancy_tier: str = "per_head"
     Ts: int = 4
     Tw: int = 2
+    rollout_engine: str = "shared"
     # budget targets, per axis: a list to choose from, else U(min, max), else the constant
     budget_tok_list: tuple[float, ...] | None = None
     budget_tok_min: float | None = 0.1
@@ -121,6 +122,8 @@ class TrainConfig:
                 raise SoljaxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise SoljaxError(f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
+        if self.rollout_engine not in ("shared", "copied"):
+            raise SoljaxError(f"config: rollout_engine must be shared or copied, got {self.rollout_engine!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise SoljaxError(f"config: dtype must be float32 or bfloat16, got {self.dtype!r}")
         for axis in AXES:

@@ -96,10 +96,11 @@ def _kl(logits_p, logits_q):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "context_len", "schedules",
                                              "dense_kl", "feed_effective",
-                                             "record_kept"))
+                                             "record_kept", "copy_prefix"))
 def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array, targets: jax.Array,
             controller, ctrl_params: Any, key: jax.Array, *, context_len: int, schedules: int,
-            dense_kl: bool = False, feed_effective: bool = False, record_kept: bool = False) -> Trajectory:
+            dense_kl: bool = False, feed_effective: bool = False, record_kept: bool = False,
+            copy_prefix: bool = False) -> Trajectory:
     """Runs ``schedules`` (K) controlled rollouts per block, teacher-forced.
 
     ``blocks [B, M + T + 1]`` token ids with ``M = context_len``; ``targets [B, 3]`` budget targets
@@ -108,7 +109,9 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
     (controls, actions, logp, state)`` plus attributes ``bos_id`` and ``rho_max`` (see
     :mod:`soljax.controllers`); ``dense_kl`` adds one dense row per block and records
     KL(dense || compressed); ``feed_effective`` feeds back the action actually applied (dense on
-    non-effective steps) instead of the chosen one.
+    non-effective steps) instead of the chosen one. ``copy_prefix`` copies each block's context
+    cache once per schedule, as the reference implementation does (for benchmarks: the results
+    are the same, the memory and time are not).
     """
     B, N = blocks.shape
     M, K = context_len, schedules
@@ -117,9 +120,11 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         raise ValueError(f"blocks of {N} tokens leave no step after a context of {M}")
     R = K + 1 if dense_kl else K
     h0, prefix = prefill_shared(cfg, scfg, params, blocks[:, :M], jnp.full((B,), M, jnp.int32))
+    if copy_prefix:  # one full copy of the context cache per row, as [B * R] blocks of one row
+        prefix = jax.tree.map(lambda a: jnp.repeat(a, R, axis=1 if a.ndim > 2 else 0), prefix)
     targets = targets.astype(jnp.float32)
     carry = dict(
-        suffix=SuffixCache.empty(cfg, B, R, T),
+        suffix=SuffixCache.empty(cfg, B * R, 1, T) if copy_prefix else SuffixCache.empty(cfg, B, R, T),
         h_prev=jnp.broadcast_to(h0[:, None], (B, K, h0.shape[-1])),
         prev_action=jnp.full((B, K), controller.bos_id, jnp.int32),
         usage_sum=jnp.zeros((B, K, 3), jnp.float32),
@@ -143,7 +148,14 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
             tokens_r = jnp.broadcast_to(blocks[:, M + t][:, None], (B, R))
         else:
             tokens_r = tokens
-        logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, c["suffix"], tokens_r, rows)
+        if copy_prefix:
+            flat = lambda a: a.reshape(B * R, 1)  # noqa: E731
+            logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, c["suffix"], flat(tokens_r),
+                                                      Controls(*map(flat, rows)))
+            logits, h = logits.reshape(B, R, -1), h.reshape(B, R, -1)
+            info = jax.tree.map(lambda a: a.reshape((B, R) + a.shape[2:]), info)
+        else:
+            logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, c["suffix"], tokens_r, rows)
         label = blocks[:, M + t + 1]
         logp = jax.nn.log_softmax(logits[:, :K], axis=-1)
         logp_true = jnp.take_along_axis(logp, jnp.broadcast_to(label[:, None, None], (B, K, 1)), -1)[..., 0]

@@ -175,14 +175,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ compiled pieces
 
-    def _collect_impl(self, state: dict, blocks: jax.Array):
+    def _collect_impl(self, lm_params: dict, state: dict, blocks: jax.Array):
         """Rollout + advantages for one data batch, appended to the buffer."""
         cfg = self.cfg
         B, K, T = cfg.batch_size, cfg.grpo_rollouts_per_input, cfg.rollout_len
         key, k_targets, k_roll = jax.random.split(state["key"], 3)
         targets = sample_targets(cfg, k_targets, B)
-        traj = rollout(self.lm_cfg, self.scfg, self.lm_params, blocks, targets, self.controller, state["policy"],
-                       k_roll, context_len=cfg.context_len, schedules=K, dense_kl=cfg.task_w_kl > 0)
+        traj = rollout(self.lm_cfg, self.scfg, lm_params, blocks, targets, self.controller, state["policy"],
+                       k_roll, context_len=cfg.context_len, schedules=K, dense_kl=cfg.task_w_kl > 0,
+                       copy_prefix=cfg.rollout_engine == "copied")
         u = episode_usage(traj.usage, traj.effective)  # [B, K, 3]
         usage = {"token": u[..., 0], "prune": u[..., 1], "quant": u[..., 2]}
         adv, diag = compute_advantages(self.gcfg, traj.logp_true, traj.kl_dense, usage, targets, self.alphas)
@@ -215,7 +216,7 @@ class Trainer:
                                         mask, self.cfg.ppo_clip, self.cfg.entropy_coef, kl_ref, self.cfg.kl_pi_ref_coef)
         return loss_sum / jnp.maximum(denom, 1.0), aux
 
-    def _learn_impl(self, state: dict):
+    def _learn_impl(self, embed: jax.Array, state: dict):
         """One shuffled pass over the full buffer; optimizer steps every grad_accum minibatches."""
         cfg = self.cfg
         key, k_perm = jax.random.split(state["key"])
@@ -223,7 +224,6 @@ class Trainer:
         perm = jax.random.permutation(k_perm, n)
         idx = jnp.concatenate([perm, jnp.zeros((nmb * mbs - n,), perm.dtype)]).reshape(nmb, mbs)
         valid = (jnp.arange(nmb * mbs) < n).reshape(nmb, mbs)
-        embed = self.lm_params["embed"]
         grad_fn = jax.grad(self._loss, has_aux=True)
 
         def minibatch(carry, xs):
@@ -267,7 +267,7 @@ class Trainer:
     def train_step(self, state: dict) -> tuple[dict, dict]:
         """One data batch (and, when the buffer is full, one pass of updates)."""
         start = time.perf_counter()
-        state, metrics = self._collect(state, jnp.asarray(self.batch_blocks(int(state["batch"]))))
+        state, metrics = self._collect(self.lm_params, state, jnp.asarray(self.batch_blocks(int(state["batch"]))))
         jax.block_until_ready(state)
         rollout_s = time.perf_counter() - start
         cfg = self.cfg
@@ -276,7 +276,7 @@ class Trainer:
         metrics["schedule_steps_per_s"] = cfg.batch_size * cfg.grpo_rollouts_per_input * cfg.rollout_len / rollout_s
         if int(state["fill"]) >= self.capacity:
             t0 = time.perf_counter()
-            state, learn = self._learn(state)
+            state, learn = self._learn(self.lm_params["embed"], state)
             learn = {k: float(v) for k, v in learn.items()}
             metrics.update(learn)
             metrics["learn_s"] = time.perf_counter() - t0

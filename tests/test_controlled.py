@@ -150,3 +150,18 @@ def test_run_schedules_matches_stepwise_rollout_and_scores_the_true_token():
 def test_bad_sparsity_config(kwargs, needle):
     with pytest.raises(SoljaxError, match=needle):
         SparsityConfig(**kwargs)
+
+
+def test_copied_prefix_engine_gives_the_same_rollout():
+    from soljax.compress.actions import ActionGrid
+    from soljax.controllers import GivenActions
+    from soljax.rollout import rollout
+
+    grid = ActionGrid(keep_fracs=(0.2, 1.0), struct_prune_choices=("s50", "s100"), quant_choices=("q4", "q16"))
+    actions = jax.random.randint(jax.random.PRNGKey(5), (B, K, T), 0, grid.num_actions)
+    kw = dict(context_len=M, schedules=K, dense_kl=True)
+    shared = rollout(CFG, QUEST, PARAMS, TOKENS, jnp.ones((B, 3)), GivenActions(grid), actions, jax.random.PRNGKey(0), **kw)
+    copied = rollout(CFG, QUEST, PARAMS, TOKENS, jnp.ones((B, 3)), GivenActions(grid), actions, jax.random.PRNGKey(0),
+                     copy_prefix=True, **kw)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(copied)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
