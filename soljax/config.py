@@ -92,13 +92,12 @@ class TrainConfig:
     out_dir: str = "runs/sol"
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
-    log_every: int = 1
 
     def __post_init__(self):
         for name in ("context_len", "rollout_len", "batch_size", "grpo_rollouts_per_input", "quest_page_size",
                      "grad_accum_steps", "ppo_minibatch_size", "ppo_target_batch_size", "policy_d_model",
                      "policy_n_heads", "policy_n_layers", "policy_action_dim", "policy_max_len",
-                     "checkpoint_every", "keep_checkpoints", "log_every"):
+                     "checkpoint_every", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
         for name in ("Ts", "Tw", "warmup_updates", "seed"):
             v = getattr(self, name)

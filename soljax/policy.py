@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from soljax.errors import SoljaxError
+from soljax.grpo import entropy_categorical as entropy  # noqa: F401  (re-exported)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 LN_EPS = 1e-5
@@ -343,13 +344,6 @@ def count_params(params) -> int:
 def param_count(cfg: PolicyConfig, num_actions: int, lm_hidden: int, lm_embed: int) -> int:
     """Number of policy parameters for these sizes, without allocating them."""
     return count_params(abstract_policy(cfg, num_actions, lm_hidden, lm_embed))
-
-
-def entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of the categorical distribution over the last axis of (tempered) ``logits``."""
-    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    p = jnp.exp(logp)
-    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
 
 
 def log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from soljax.grpo import kl_categorical
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import Controls, SparsityConfig, SuffixCache, controlled_step, prefill_shared
@@ -89,11 +90,6 @@ def episode_usage(usage: jax.Array, effective: jax.Array) -> jax.Array:
     return (usage * eff).sum(-2) / jnp.maximum(eff.sum(-2), 1.0)
 
 
-def _kl(logits_p, logits_q):
-    lp, lq = jax.nn.log_softmax(logits_p, -1), jax.nn.log_softmax(logits_q, -1)
-    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "context_len", "schedules",
                                              "dense_kl", "feed_effective",
                                              "record_kept", "copy_prefix"))
@@ -159,7 +155,7 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         label = blocks[:, M + t + 1]
         logp = jax.nn.log_softmax(logits[:, :K], axis=-1)
         logp_true = jnp.take_along_axis(logp, jnp.broadcast_to(label[:, None, None], (B, K, 1)), -1)[..., 0]
-        kl = _kl(logits[:, K:], logits[:, :K]) if dense_kl else jnp.zeros((B, K), jnp.float32)
+        kl = kl_categorical(logits[:, K:], logits[:, :K]) if dense_kl else jnp.zeros((B, K), jnp.float32)
         applied = Controls(kappa=jnp.where(effective, controls.kappa, 1.0), rho=jnp.where(effective, controls.rho, 1.0),
                            bits=jnp.where(effective, controls.bits, 16))
         usage = usage_per_step(applied, controller.rho_max)

@@ -114,6 +114,9 @@ class Trainer:
                 from soljax.embedded import ensure_embedded_model
 
                 model_dir = ensure_embedded_model()
+            elif not Path(model_dir).exists() and "/" in model_dir and not model_dir.startswith((".", "/")):
+                raise SoljaxError(f"model {model_dir!r} is a Hugging Face name: convert a local copy first "
+                                  f"(soljax convert --from HF_DIR --out DIR) and pass model=DIR")
             lm = load_model(Path(model_dir), dtype=cfg.dtype)
         self.lm_cfg, self.lm_params, self.tokenizer = lm
         if blocks is None:

@@ -22,7 +22,7 @@ from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
 
 # Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "log_every", "out_dir"}
+RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "out_dir"}
 
 
 class RunWriter:
