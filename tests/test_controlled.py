@@ -165,3 +165,27 @@ def test_copied_prefix_engine_gives_the_same_rollout():
                      copy_prefix=True, **kw)
     for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(copied)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
+
+
+def test_engine_with_k_schedules_equals_a_loop_over_schedules():
+    from soljax.compress.actions import ActionGrid
+    from soljax.controllers import GivenActions
+    from soljax.rollout import rollout
+
+    grid = ActionGrid(keep_fracs=(0.2, 1.0), struct_prune_choices=("s50", "s100"), quant_choices=("q4", "q16"))
+    actions = jax.random.randint(jax.random.PRNGKey(6), (B, K, T), 0, grid.num_actions)
+    targets = jnp.array([[0.5, 0.7, 0.6], [0.3, 0.9, 0.4]])
+    run = lambda acts, k: rollout(CFG, QUEST, PARAMS, TOKENS, targets, GivenActions(grid), acts,  # noqa: E731
+                                  jax.random.PRNGKey(0), context_len=M, schedules=k)
+    together = run(actions, K)
+    for k in range(K):
+        alone = run(actions[:, k:k + 1], 1)
+        for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+            if a.ndim >= 3 and a.shape[1] == K:
+                np.testing.assert_allclose(np.asarray(a[:, k:k + 1]), np.asarray(b), atol=2e-5, rtol=0)
+    # the usage features the policy sees are the running means of the applied actions
+    usage = np.asarray(together.usage)
+    scal = np.asarray(together.scalars)
+    np.testing.assert_allclose(scal[:, :, 0, 5:], 0.0, atol=1e-7)  # no earlier step: dev = 0
+    expected_dev = usage[:, :, :3].mean(2) - np.asarray(targets)[:, None, :]
+    np.testing.assert_allclose(scal[:, :, 3, 5:], expected_dev, atol=1e-6)
