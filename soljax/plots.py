@@ -42,8 +42,8 @@ def plot_training(metrics_path: Path, out_path: Path) -> Path | None:
             if k not in rows[0]:
                 continue
             y = np.array([r.get(k, np.nan) for r in rows], float)
-            ax.plot(x, y, alpha=0.25)
-            ax.plot(x, _smooth(y, width), label=k.replace("gap_", ""))
+            (raw,) = ax.plot(x, y, alpha=0.25)
+            ax.plot(x, _smooth(y, width), color=raw.get_color(), label=k.replace("gap_", ""))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("data batch")
         if len(keys) > 1:
