@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from soljax.compress.actions import ActionGrid
 from soljax.errors import SoljaxError
+from soljax import policy as pol
 from soljax.lm.controlled import Controls
 
 CONTROLLERS: dict[str, Callable] = {}
@@ -104,17 +105,13 @@ class PolicyController(_GridController):
     greedy. State: the policy's incremental cache over the episode's steps."""
 
     grid: ActionGrid
-    policy: "PolicyConfig"  # noqa: F821  (soljax.policy.PolicyConfig)
+    policy: pol.PolicyConfig
     greedy: bool = False
 
     def init(self, ctrl_params, B, K, T):
-        from soljax.policy import init_cache
-
-        return init_cache(self.policy, B * K, T)
+        return pol.init_cache(self.policy, B * K, T)
 
     def act(self, ctrl_params, state, obs, targets, key):
-        from soljax import policy as pol
-
         B, K = obs.tokens.shape
         flat = lambda a: a.reshape((B * K,) + a.shape[2:])  # noqa: E731
         module = pol.SOLPolicy(self.policy, self.grid.num_actions)

@@ -16,13 +16,11 @@ on interruption; ``--resume`` continues exactly where a run stopped.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +179,7 @@ class Trainer:
     def _collect_impl(self, lm_params: dict, state: dict, blocks: jax.Array):
         """Rollout + advantages for one data batch, appended to the buffer."""
         cfg = self.cfg
-        B, K, T = cfg.batch_size, cfg.grpo_rollouts_per_input, cfg.rollout_len
+        B, K = cfg.batch_size, cfg.grpo_rollouts_per_input
         key, k_targets, k_roll = jax.random.split(state["key"], 3)
         targets = sample_targets(cfg, k_targets, B)
         traj = rollout(self.lm_cfg, self.scfg, lm_params, blocks, targets, self.controller, state["policy"],

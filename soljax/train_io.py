@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -130,7 +129,3 @@ class RunWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
-
-
-def remove_run(out_dir: Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)

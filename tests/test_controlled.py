@@ -7,7 +7,7 @@ import pytest
 
 from soljax.compress.attention import quest_keep
 from soljax.errors import SoljaxError
-from soljax.lm import LMConfig, decode_step, init_params, logits, prefill
+from soljax.lm import LMConfig, decode_step, init_params, prefill
 from soljax.lm.controlled import (Controls, SparsityConfig, SuffixCache, controlled_step,
                                   prefill_shared)
 from soljax.rollout import run_schedules

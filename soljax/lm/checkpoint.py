@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from soljax.errors import SoljaxError
 from soljax.lm.config import LMConfig
