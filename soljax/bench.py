@@ -28,13 +28,12 @@ BENCH_CONFIG = {
 def measure(context_len: int, engine: str, repeats: int = 3) -> dict:
     """One row: seconds per rollout phase and per whole update, schedule-steps/s, peak RSS."""
     from soljax.config import TrainConfig
+    from soljax.embedded import ensure_embedded_model
+    from soljax.lm.checkpoint import load_model
     from soljax.train import Trainer
 
     cfg = TrainConfig.from_dict({**BENCH_CONFIG, "context_len": context_len, "rollout_engine": engine,
                                  "max_batches": repeats + 1})
-    from soljax.embedded import ensure_embedded_model
-    from soljax.lm.checkpoint import load_model
-
     lm = load_model(ensure_embedded_model())
     n = (repeats + 1) * cfg.batch_size
     blocks = np.random.default_rng(0).integers(0, lm[0].vocab_size, (n, context_len + cfg.rollout_len + 1))

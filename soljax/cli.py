@@ -130,10 +130,7 @@ def cmd_train(args) -> None:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     out = Path(args.out or cfg.out_dir)
-    try:
-        train(cfg, out, resume=args.resume, progress=not args.quiet)
-    except KeyboardInterrupt:
-        raise
+    train(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"soljax: run written to {out} (metrics.jsonl, training.png, checkpoints/)", file=sys.stderr)
 
 

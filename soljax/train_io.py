@@ -82,8 +82,8 @@ class RunWriter:
         path = self.out_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [ln for ln in path.read_text().split("\n") if ln.strip() and json.loads(ln)["batch"] <= batch]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [row for row in read_metrics(path) if row["batch"] <= batch]
+        path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def save(self, state: dict, final: bool = False) -> None:
         import orbax.checkpoint as ocp

@@ -199,9 +199,7 @@ def controlled_step(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix: S
     else:
         effective = jnp.zeros((B, K), bool)
 
-    has_pages = prefix.kmax is not None
-    xs = (params["layers"], prefix.k, prefix.v, suffix.k, suffix.v,
-          prefix.kmax if has_pages else prefix.k, prefix.kmin if has_pages else prefix.k)
+    xs = (params["layers"], prefix.k, prefix.v, suffix.k, suffix.v, prefix.kmax, prefix.kmin)  # kmax/kmin: None
     scale = 1.0 / math.sqrt(Dh)
 
     def layer(x, xs):
