@@ -129,3 +129,31 @@ class RunWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
+
+
+def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, dict]:
+    """A training run's config and its policy variables (for ``SOLPolicy.apply``) at checkpoint
+    ``step`` (default: the latest)."""
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise SoljaxError(f"{run_dir} is not a soljax training run (no config.yaml)")
+    cfg = TrainConfig.from_dict(yaml.safe_load(saved.read_text()) or {})
+    ckpts = run_dir / "checkpoints"
+    mgr = ocp.CheckpointManager(ckpts.absolute()) if ckpts.is_dir() else None
+    steps = mgr.all_steps() if mgr is not None else []
+    if not steps:
+        raise SoljaxError(f"{run_dir} holds no checkpoint yet")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise SoljaxError(f"{run_dir} has no checkpoint {step} (has {sorted(steps)})")
+    try:
+        state = mgr.restore(step, args=ocp.args.StandardRestore())
+    except Exception as e:
+        raise SoljaxError(f"cannot restore {ckpts / str(step)}: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    finally:
+        mgr.close()
+    return cfg, state["policy"]

@@ -10,6 +10,7 @@ from soljax.config import TrainConfig, updates_per_batch
 from soljax.errors import SoljaxError
 from soljax.lm import LMConfig, init_params
 from soljax.train import Trainer, sample_targets
+from soljax.train_io import load_policy
 
 LM_CFG = LMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -40,6 +41,14 @@ def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["updates"] for r in rows] == [0, 2, 2, 4, 4, 6, 6, 8]
     assert (tmp_path / "run" / "training.png").is_file()
+    cfg, policy = load_policy(tmp_path / "run")
+    assert cfg == tr.cfg
+    for a, b in zip(jax.tree.leaves(state["policy"]), jax.tree.leaves(policy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(SoljaxError, match="no checkpoint 3"):
+        load_policy(tmp_path / "run", step=3)
+    with pytest.raises(SoljaxError, match="not a soljax training run"):
+        load_policy(tmp_path)
     # one optimizer step per buffer pass: every minibatch is evaluated with the rollout's policy
     on_policy = _trainer("grad_accum_steps=4", "max_batches=4").run(tmp_path / "on", progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
