@@ -1,6 +1,6 @@
 # One command to set up and run the main job, one to set up and run the tests.
 #   make demo   -> virtualenv + soljax + embedded assets, then `soljax demo`
-#   make test   -> the same plus test extras (torch for cross-checks), then pytest
+#   make test   -> the same plus test extras (torch for cross-checks, lm-eval), then pytest
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,torch]'
+	$(BIN)/pip install -q -e '.[dev,torch,eval]'
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

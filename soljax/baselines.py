@@ -10,6 +10,10 @@ same rollout engine as the policy.
   half a grid step divided by T of the target, i.e. within one grid step.
 * **random**: per sequence, exactly ``round(p_hi * T)`` high-level steps in a random order, so
   every sequence hits the target up to the rounding to a multiple of ``(hi - lo) / T``.
+
+Rounding is ``floor(x + phase)``: ``phase = 0.5`` (the default) rounds to nearest; per-sequence
+phases spread evenly over [0, 1) (:func:`block_phases`) round some sequences up and others down, so
+the average over many sequences also matches a target between the ``1 / T`` lattice points.
 """
 
 from __future__ import annotations
@@ -47,19 +51,31 @@ def bracket(levels: np.ndarray, target: np.ndarray):
     return order[lo_pos], order[hi_pos], p_hi
 
 
+def block_phases(indices) -> np.ndarray:
+    """Rounding phases in [0, 1) for sequences ``indices``, evenly spread (golden-ratio sequence)."""
+    return np.mod(np.asarray(indices, np.float64) * 0.6180339887498949 + 0.5, 1.0)
+
+
+def _phase(phase, B: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(0.5 if phase is None else phase, np.float64), (B,))
+
+
 def _compose(grid: ActionGrid, per_axis: list[np.ndarray]) -> np.ndarray:
     P, Q = len(grid.struct_prune_choices), len(grid.quant_choices)
     return (per_axis[0] * (P * Q) + per_axis[1] * Q + per_axis[2]).astype(np.int32)
 
 
-def fixed_schedule(grid: ActionGrid, targets: np.ndarray, steps: int, schedules: int = 1) -> np.ndarray:
-    """Action ids ``[B, K, T]`` of the dithered uniform allocation for targets ``[B, 3]``."""
+def fixed_schedule(grid: ActionGrid, targets: np.ndarray, steps: int, schedules: int = 1,
+                   phase: np.ndarray | None = None) -> np.ndarray:
+    """Action ids ``[B, K, T]`` of the dithered uniform allocation for targets ``[B, 3]``
+    (``phase [B]``: rounding phases, see the module doc)."""
     targets = np.asarray(targets, np.float64)
     t = np.arange(1, steps + 1)
+    ph = _phase(phase, len(targets))[:, None]
     per_axis = []
     for axis, levels in enumerate(axis_levels(grid)):
         lo, hi, p = bracket(levels, targets[:, axis])
-        count = np.round(p[:, None] * t[None, :])  # high-level steps after step t, [B, T]
+        count = np.floor(p[:, None] * t[None, :] + ph)  # high-level steps after step t, [B, T]
         is_hi = np.diff(np.concatenate([np.zeros((len(p), 1)), count], axis=1), axis=1) > 0
         idx = np.where(is_hi, hi[:, None], lo[:, None])
         per_axis.append(np.broadcast_to(idx[:, None, :], (len(p), schedules, steps)))
@@ -67,15 +83,16 @@ def fixed_schedule(grid: ActionGrid, targets: np.ndarray, steps: int, schedules:
 
 
 def random_schedule(grid: ActionGrid, targets: np.ndarray, steps: int, schedules: int,
-                    rng: np.random.Generator) -> np.ndarray:
+                    rng: np.random.Generator, phase: np.ndarray | None = None) -> np.ndarray:
     """Action ids ``[B, K, T]``: per sequence and axis, exactly ``round(p_hi * T)`` high-level steps
-    in a random order (K independent draws per block)."""
+    in a random order (K independent draws per block; ``phase [B]`` as for :func:`fixed_schedule`)."""
     targets = np.asarray(targets, np.float64)
     B = len(targets)
+    ph = _phase(phase, B)
     per_axis = []
     for axis, levels in enumerate(axis_levels(grid)):
         lo, hi, p = bracket(levels, targets[:, axis])
-        n_hi = np.round(p * steps).astype(int)
+        n_hi = np.floor(p * steps + ph).astype(int)
         ranks = rng.random((B, schedules, steps)).argsort(axis=-1).argsort(axis=-1)  # random permutation
         is_hi = ranks < n_hi[:, None, None]
         per_axis.append(np.where(is_hi, hi[:, None, None], lo[:, None, None]))

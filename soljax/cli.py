@@ -12,7 +12,7 @@ from pathlib import Path
 
 from soljax.errors import SoljaxError
 
-DEMO_PROMPT = "It is a truth universally acknowledged, that"
+from soljax.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
 
 def _model_dir(arg: str | None) -> Path:
@@ -70,6 +70,13 @@ def cmd_info(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    if args.policy:
+        return _generate_controlled(args)
+    for given, flag in ((args.targets, "--targets"), (args.compare_dense, "--compare-dense"),
+                        (args.controller, "--controller"), (args.step is not None, "--step"),
+                        (args.sample_actions, "--sample-actions"), (args.json, "--json")):
+        if given:
+            raise SoljaxError(f"{flag} needs --policy RUN_DIR (a training run)")
     from soljax.generate import generate
 
     cfg, params, tok = _load(args.model, args.dtype)
@@ -80,10 +87,55 @@ def cmd_generate(args) -> None:
                     eos_ids=cfg.eos_token_ids)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(prompts, outs):
-        print(prompt + tok.decode(out, skip_special_tokens=True))
+        text = tok.decode(out, skip_special_tokens=True)
+        cut = min((text.find(s) for s in args.stop or () if s in text), default=-1)
+        print(prompt + (text[:cut] if cut >= 0 else text))
         print()
     new = sum(len(o) for o in outs)
     print(f"[{new} new tokens in {elapsed:.1f}s]", file=sys.stderr)
+
+
+def _budget_line(b: dict) -> str:
+    if not b["effective_steps"]:
+        return "no compressible step"
+    return (f"token keep {b['token']:.3f}, prune keep {b['prune']:.3f}, quant ratio {b['quant']:.3f} "
+            f"({16 * b['quant']:.1f} bits) over {b['effective_steps']} steps")
+
+
+def _generate_controlled(args) -> None:
+    """``soljax generate --policy RUN_DIR --targets T,P,Q``: the policy (or fixed) chooses each token's compute."""
+    from soljax.episodes import load_controlled
+    from soljax.generate import parse_targets, policy_generation_report
+
+    if not args.targets:
+        raise SoljaxError("--policy needs --targets TOKEN,PRUNE,QUANT (e.g. 0.5,0.7,8)")
+    targets = parse_targets(args.targets)
+    model, tok = load_controlled(args.policy, model_dir=args.model, dtype=args.dtype, step=args.step,
+                                 controller=args.controller or "policy", greedy=not args.sample_actions)
+    prompts = args.prompt or [DEMO_PROMPT]
+    start = time.perf_counter()
+    report = policy_generation_report(model, tok, prompts, args.max_new_tokens, targets,
+                                      compare_dense=args.compare_dense, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed, eos_ids=model.cfg.eos_token_ids,
+                                      stop=tuple(args.stop or ()))
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    name = args.controller or "policy"
+    for s in report["samples"]:
+        c = s["controlled"]
+        print(f"[{name}] {s['prompt']}{c['text']}")
+        print(f"  realized: {_budget_line(c['budget'])}")
+        if "dense" in s:
+            print(f"  mean dense log-prob {c['mean_dense_logprob']:.3f}")
+            print(f"[dense] {s['prompt']}{s['dense']['text']}")
+            print(f"  mean dense log-prob {s['dense']['mean_dense_logprob']:.3f}")
+        print()
+    t = report["targets"]
+    print(f"targets: token keep {t['token']:.3f}, prune keep {t['prune']:.3f}, quant ratio {t['quant']:.3f}; "
+          f"realized: {_budget_line(report['budget'])} (episodes of {report['episode_len']})")
+    print(f"[generated in {elapsed:.1f}s]", file=sys.stderr)
 
 
 def cmd_ppl(args) -> None:
@@ -125,28 +177,111 @@ def cmd_score_schedules(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from soljax import parallel
     from soljax.config import TrainConfig
+
+    flags = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
+             "process_id": args.process_id}
+    cfg = TrainConfig.load(args.config, args.overrides).replace(**{k: v for k, v in flags.items() if v is not None})
+    parallel.initialize_distributed(cfg)  # before anything touches a device (importing soljax.train does)
     from soljax.train import train
 
-    cfg = TrainConfig.load(args.config, args.overrides)
     out = Path(args.out or cfg.out_dir)
     train(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(f"soljax: run written to {out} (metrics.jsonl, training.png, checkpoints/)", file=sys.stderr)
+    if parallel.is_primary():
+        print(f"soljax: run written to {out} (metrics.jsonl, training.png, checkpoints/)", file=sys.stderr)
 
 
 def cmd_bench(args) -> None:
+    say = None if args.json else (lambda msg: print(f"soljax: benchmarking {msg}...", file=sys.stderr))
+    if args.what == "kernels":
+        from soljax.bench_kernels import bench_kernels, format_table
+
+        result = bench_kernels(tuple(args.context or (4096, 32768)), tuple(args.batch), impls=args.impl,
+                               dtype=args.dtype, repeats=args.repeats, progress=say)
+        print(json.dumps(result) if args.json else format_table(result))
+        return
     from soljax.bench import bench_rollout, format_table
 
-    say = None if args.json else (lambda msg: print(f"soljax: benchmarking {msg}...", file=sys.stderr))
-    result = bench_rollout(tuple(args.context), tuple(args.engines), args.repeats, progress=say)
+    result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
+                           progress=say)
     print(json.dumps(result) if args.json else format_table(result))
 
 
+def _sweep_config(args):
+    from soljax.evaluate import SweepConfig, parse_targets
+
+    kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
+              seed=args.seed, gamma=args.gamma)
+    if args.targets:
+        kw["targets"] = parse_targets(args.targets)
+    if args.methods:
+        kw["methods"] = tuple(args.methods)
+    if args.static:
+        kw["static"] = tuple(args.static)
+    return SweepConfig(**kw)
+
+
+def cmd_eval_ppl(args) -> None:
+    from soljax.evaluate import eval_ppl
+    from soljax.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    result = eval_ppl(args.run, _sweep_config(args), out, progress=not args.quiet)
+    paths = write_report(out)
+    if args.json:
+        print(json.dumps({"points": result["points"]}))
+    else:
+        print((out / "report.md").read_text())
+    print(f"soljax: sweep and report written to {out} ({', '.join(p.name for p in paths.values())}, "
+          f"sweep.json, sweep.csv)", file=sys.stderr)
+
+
+def cmd_eval_report(args) -> None:
+    from soljax.report import write_report
+
+    paths = write_report(Path(args.sweep))
+    print(paths["report"].read_text())
+    print(f"soljax: report written to {paths['report']}", file=sys.stderr)
+
+
+def cmd_eval_downstream(args) -> None:
+    from soljax.evaluate import parse_targets
+    from soljax.harness import format_downstream, run_downstream
+
+    targets = parse_targets(args.targets)
+    tasks = tuple(t for arg in args.tasks for t in arg.split(","))
+    result = run_downstream(args.run, targets, tasks=tasks, modes=tuple(args.modes), limit=args.limit,
+                            num_fewshot=args.num_fewshot, batch_size=args.batch_size, out_dir=args.out,
+                            progress=not args.quiet, mmlu_per_subject=args.mmlu_per_subject, cloze=args.cloze)
+    print(json.dumps(result) if args.json else format_downstream(result))
+
+
 def cmd_demo(args) -> None:
-    """The main job on the embedded default (grows into the full SOL demo)."""
-    cmd_setup(argparse.Namespace(no_mmlu=False))
-    cmd_generate(argparse.Namespace(model=None, dtype=None, prompt=[DEMO_PROMPT], max_new_tokens=48,
-                                    temperature=0.0, top_p=1.0, seed=0))
+    """The main job: assets, training, evaluation against baselines, report, a sample."""
+    from soljax.demo import run_demo
+    from soljax.report import load_sweep, summarize
+
+    result = run_demo(args.out, overrides=tuple(args.overrides), quick=args.quick, progress=not args.quiet)
+    paths = result["paths"]
+    rows = summarize(load_sweep(paths["report"].parent))["rows"]
+    print("\nSOL policy vs budget-matched baselines on held-out text (perplexity, lower is better):")
+    for r in rows:
+        p, o = r["policy"], r["others"]
+        best = next((m for m in o if m.startswith("random_best")), None)
+        line = f"  net keep {p['net_keep']:.3f}: policy {p['ppl']:.2f}"
+        line += "".join(f", {m} {o[m]['ppl']:.2f}" for m in ("fixed", best, "emc", "dac") if m in o)
+        print(line)
+    s = result["sample"]["samples"][0]
+    print(f"\n[policy] {s['prompt']}{s['controlled']['text']}")
+    print(f"  realized: {_budget_line(s['controlled']['budget'])}")
+    if "dense" in s:
+        print(f"[dense]  {s['prompt']}{s['dense']['text']}")
+    print("\nwritten:")
+    for name, path in paths.items():
+        if name != "elapsed_s":
+            print(f"  {name:9s} {path}")
+    print(f"\n[demo finished in {paths['elapsed_s'] / 60:.1f} min]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,13 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="soljax model directory (default: the embedded model)")
         s.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype override")
 
-    s = sub.add_parser("generate", help="dense generation from one or more prompts")
+    s = sub.add_parser("generate", help="generation from one or more prompts, dense or with a SOL policy")
     model_args(s)
     s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    s.add_argument("--policy", metavar="RUN_DIR", help="a training run: its policy picks each token's compute "
+                   "(default model: the run's)")
+    s.add_argument("--targets", metavar="TOKEN,PRUNE,QUANT", help="budget targets: token keep, MLP-input keep, "
+                   "quant as bits/16 ratio or bit width (e.g. 0.5,0.7,8)")
+    s.add_argument("--step", type=int, help="the run's checkpoint to use (default: the latest)")
+    s.add_argument("--controller", choices=["policy", "fixed"], help="policy (default) or the run grid's "
+                   "budget-matched fixed schedule")
+    s.add_argument("--sample-actions", action="store_true", help="sample the policy's actions (default: greedy)")
+    s.add_argument("--compare-dense", action="store_true", help="also show the dense continuation and the mean "
+                   "dense log-probability of both")
+    s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("ppl", help="dense perplexity of text files in non-overlapping windows")
@@ -199,18 +346,73 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default: the config's out_dir)")
     s.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--coordinator-address", help="multi-process run: HOST:PORT of process 0 (docs/scaleout.md)")
+    s.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
+    s.add_argument("--process-id", type=int, help="multi-process run: this process's id (0 .. n-1)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update)")
-    s.add_argument("what", choices=["rollout"])
-    s.add_argument("--context", type=int, nargs="+", default=[256, 1024], help="context lengths M")
+    s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update; "
+                                     "kernels: dense vs sparse decode attention and MLP)")
+    s.add_argument("what", choices=["rollout", "kernels"])
+    s.add_argument("--context", type=int, nargs="+",
+                   help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels)")
     s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, help="timed repeats (default: 3; kernels on an accelerator: 20)")
+    s.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="kernels: batch sizes")
+    s.add_argument("--impl", nargs="+", choices=["xla", "pallas"],
+                   help="kernels: implementations (default: xla, plus pallas on a GPU or TPU)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="kernels: data type (default: bfloat16 on accelerators, float32 on CPU)")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(fn=cmd_bench)
 
-    s = sub.add_parser("demo", help="the main job on the embedded default")
+    s = sub.add_parser("eval", help="evaluate a trained policy against baselines")
+    ev = s.add_subparsers(dest="eval_command", required=True)
+    e = ev.add_parser("ppl", help="perplexity sweep: the policy at several targets vs budget-matched baselines")
+    e.add_argument("--run", required=True, help="a training run directory")
+    e.add_argument("--out", help="output directory (default: RUN/eval)")
+    e.add_argument("--data", default="eval", help="evaluation text (default: the eval split, Persuasion)")
+    e.add_argument("--blocks", type=int, default=64, help="evaluation blocks (default 64)")
+    e.add_argument("--batch-size", type=int, default=8, help="blocks per compiled call (default 8)")
+    e.add_argument("--targets", metavar="T,P,Q;...", help="target triples: token keep, MLP-input keep, bit "
+                   "ratio (default: a diagonal through the grid)")
+    e.add_argument("--trials", type=int, default=30, help="random schedules per target (best-of-N and mean)")
+    e.add_argument("--methods", nargs="+", help="subset of: policy fixed random emc dac dense static")
+    e.add_argument("--static", nargs="+", metavar="KIND:VALUE", help="static points, e.g. quest:0.3 teal:0.6 "
+                   "zeroquant:8 (default: one per lower grid level)")
+    e.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal weight (default 0.35)")
+    e.add_argument("--seed", type=int, default=0, help="block choice and random schedules")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
+    e.set_defaults(fn=cmd_eval_ppl)
+    e = ev.add_parser("report", help="Markdown report and figures from a sweep")
+    e.add_argument("sweep", help="a sweep directory (RUN/eval) or its sweep.json")
+    e.set_defaults(fn=cmd_eval_report)
+    e = ev.add_parser("downstream", help="task accuracy with lm_eval: the policy, the matched fixed baseline, dense")
+    e.add_argument("--run", required=True, help="a training run directory")
+    e.add_argument("--targets", default="0.5,0.8,0.5", metavar="T,P,Q;...", help="target triples (default "
+                   "0.5,0.8,0.5)")
+    e.add_argument("--tasks", nargs="+", default=["soljax_mmlu", "soljax_cloze"], help="lm_eval task names "
+                   "(default: the offline soljax_mmlu and soljax_cloze; others need the network)")
+    e.add_argument("--modes", nargs="+", default=["policy", "fixed", "dense"], choices=["policy", "fixed", "dense"])
+    e.add_argument("--limit", type=int, help="documents per task (default: all)")
+    e.add_argument("--num-fewshot", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--mmlu-per-subject", type=int, default=20, help="questions per MMLU subject (3 subjects)")
+    e.add_argument("--cloze", type=int, default=60, help="cloze passages from the evaluation corpus")
+    e.add_argument("--out", help="output directory (default: RUN/downstream)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(fn=cmd_eval_downstream)
+
+    s = sub.add_parser("demo", help="the main job: train a SOL policy on the embedded model, evaluate it "
+                       "against fixed and random allocation, write a report, generate a sample")
+    s.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; rerunning resumes or "
+                   "reuses what is there)")
+    s.add_argument("--quick", action="store_true", help="a minutes-long smoke version (a tiny evaluation)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml")
     s.set_defaults(fn=cmd_demo)
     return p
 

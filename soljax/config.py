@@ -39,6 +39,9 @@ class TrainConfig:
     sparsity_criteria: str = "quest"
     quest_page_size: int = 8
     relevancy_tier: str = "per_head"
+    attention_impl: str = "xla"
+    mlp_impl: str = "xla"
+    kernel_interpret: bool = False
     Ts: int = 4
     Tw: int = 2
     rollout_engine: str = "shared"
@@ -92,6 +95,14 @@ class TrainConfig:
     out_dir: str = "runs/sol"
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
+    # scale-out (soljax.parallel, docs/scaleout.md)
+    mesh_data: int = 0
+    mesh_model: int = 1
+    shard_policy: str = "replicated"
+    distributed: str = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         for name in ("context_len", "rollout_len", "batch_size", "grpo_rollouts_per_input", "quest_page_size",
@@ -121,12 +132,44 @@ class TrainConfig:
                 raise SoljaxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise SoljaxError(f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
+        for name in ("attention_impl", "mlp_impl"):
+            if getattr(self, name) not in ("xla", "pallas"):
+                raise SoljaxError(f"config: {name} must be xla or pallas, got {getattr(self, name)!r}")
+        if self.attention_impl == "pallas" and self.sparsity_criteria != "quest":
+            raise SoljaxError("config: attention_impl pallas needs sparsity_criteria quest")
+        if not isinstance(self.kernel_interpret, bool):
+            raise SoljaxError(f"config: kernel_interpret must be true or false, got {self.kernel_interpret!r}")
         if self.rollout_engine not in ("shared", "copied"):
             raise SoljaxError(f"config: rollout_engine must be shared or copied, got {self.rollout_engine!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise SoljaxError(f"config: dtype must be float32 or bfloat16, got {self.dtype!r}")
         for axis in AXES:
             self.budget_sampler(axis)  # validates lists and ranges
+        self._check_scaleout()
+
+    def _check_scaleout(self) -> None:
+        for name in ("mesh_data", "mesh_model"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SoljaxError(f"config: {name} must be a non-negative integer (0 = infer), got {v!r}")
+        if self.mesh_data and self.batch_size % self.mesh_data:
+            raise SoljaxError(f"config: batch_size ({self.batch_size}) must be a multiple of mesh_data "
+                              f"({self.mesh_data}): the blocks of a batch are split over the data axis")
+        if self.shard_policy not in ("replicated", "fsdp"):
+            raise SoljaxError(f"config: shard_policy must be replicated or fsdp, got {self.shard_policy!r}")
+        if self.distributed not in ("auto", "on", "off"):
+            raise SoljaxError(f"config: distributed must be auto, on or off, got {self.distributed!r}")
+        if self.coordinator_address is not None and (not isinstance(self.coordinator_address, str)
+                                                     or ":" not in self.coordinator_address):
+            raise SoljaxError(f"config: coordinator_address must be HOST:PORT, got {self.coordinator_address!r}")
+        if self.num_processes is not None:
+            _positive_int("num_processes", self.num_processes)
+        if self.process_id is not None:
+            v = self.process_id
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SoljaxError(f"config: process_id must be a non-negative integer, got {v!r}")
+            if self.num_processes is not None and v >= self.num_processes:
+                raise SoljaxError(f"config: process_id {v} is out of range for num_processes {self.num_processes}")
 
     # ------------------------------------------------------------------ budgets
 

@@ -11,6 +11,7 @@ compiled rollout serves any values. Interface::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
 
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ def register_controller(name: str):
 
 def make_controller(name: str, **kwargs):
     """Builds a registered controller by name."""
+    importlib.import_module("soljax.heuristics")  # registers "emc" and "dac"
     if name not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {name!r} (known: {', '.join(sorted(CONTROLLERS))})")
     return CONTROLLERS[name](**kwargs)

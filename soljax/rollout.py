@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from soljax.grpo import kl_categorical
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
-from soljax.lm.controlled import Controls, SparsityConfig, SuffixCache, controlled_step, prefill_shared
+from soljax.lm.controlled import (Controls, SharedPrefix, SparsityConfig, SuffixCache, controlled_step,
+                                  prefill_shared)
 
 NUM_SCALARS = 8
 
@@ -31,6 +32,10 @@ class Observation(NamedTuple):
     ``scalars [B, K, 8]``: ``(t+1)/T, effective, C_tok, C_pru, C_q, dev_tok, dev_pru, dev_q`` with
     ``dev`` the running mean usage over earlier effective steps minus the target (0 before any);
     ``prev_action``: the previous action id (the controller's BOS id at t=0); ``t``: step index.
+    Only for controllers with ``needs_lm_signals = True`` (else None): ``lm_entropy`` and
+    ``lm_margin [B, K]``, the normalized entropy ``H(p) / log V`` and top-1 minus top-2
+    probability of the LM distribution that predicted the current token (the previous step's, or
+    the prefill's at t=0), and ``prev_tok_emb``, the embedding of the previous input token.
     """
 
     h_prev: jax.Array
@@ -39,6 +44,9 @@ class Observation(NamedTuple):
     scalars: jax.Array
     prev_action: jax.Array
     t: jax.Array
+    lm_entropy: jax.Array | None = None
+    lm_margin: jax.Array | None = None
+    prev_tok_emb: jax.Array | None = None
 
 
 class Trajectory(NamedTuple):
@@ -90,13 +98,37 @@ def episode_usage(usage: jax.Array, effective: jax.Array) -> jax.Array:
     return (usage * eff).sum(-2) / jnp.maximum(eff.sum(-2), 1.0)
 
 
+class Prefilled(NamedTuple):
+    """A batch of blocks' dense context prefill: ``h0 [B, D]`` (final-norm hidden state of the last
+    context token) and the :class:`SharedPrefix`. Reusable across rollouts of the same blocks."""
+
+    h0: jax.Array
+    prefix: SharedPrefix
+
+
+def prefill_blocks(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array,
+                   context_len: int) -> Prefilled:
+    """Prefills the first ``context_len`` tokens of every block ``[B, N]``."""
+    B = blocks.shape[0]
+    return Prefilled(*prefill_shared(cfg, scfg, params, jnp.asarray(blocks)[:, :context_len],
+                                     jnp.full((B,), context_len, jnp.int32)))
+
+
+def lm_signals(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Normalized entropy and top-1 minus top-2 probability of next-token ``logits [..., V]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    entropy = -(jnp.exp(logp) * logp).sum(-1) / jnp.log(logits.shape[-1])
+    top2 = jnp.exp(jax.lax.top_k(logp, 2)[0])
+    return entropy, top2[..., 0] - top2[..., 1]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "context_len", "schedules",
                                              "dense_kl", "feed_effective",
                                              "record_kept", "copy_prefix"))
 def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array, targets: jax.Array,
             controller, ctrl_params: Any, key: jax.Array, *, context_len: int, schedules: int,
             dense_kl: bool = False, feed_effective: bool = False, record_kept: bool = False,
-            copy_prefix: bool = False) -> Trajectory:
+            copy_prefix: bool = False, prefilled: Prefilled | None = None) -> Trajectory:
     """Runs ``schedules`` (K) controlled rollouts per block, teacher-forced.
 
     ``blocks [B, M + T + 1]`` token ids with ``M = context_len``; ``targets [B, 3]`` budget targets
@@ -107,7 +139,8 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
     KL(dense || compressed); ``feed_effective`` feeds back the action actually applied (dense on
     non-effective steps) instead of the chosen one. ``copy_prefix`` copies each block's context
     cache once per schedule, as the reference implementation does (for benchmarks: the results
-    are the same, the memory and time are not).
+    are the same, the memory and time are not). ``prefilled``: the blocks' context prefill from
+    :func:`prefill_blocks`, to share one prefill between several rollouts of the same blocks.
     """
     B, N = blocks.shape
     M, K = context_len, schedules
@@ -115,7 +148,8 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
     if T < 1:
         raise ValueError(f"blocks of {N} tokens leave no step after a context of {M}")
     R = K + 1 if dense_kl else K
-    h0, prefix = prefill_shared(cfg, scfg, params, blocks[:, :M], jnp.full((B,), M, jnp.int32))
+    h0, prefix = prefill_blocks(cfg, scfg, params, blocks, M) if prefilled is None else prefilled
+    signals = getattr(controller, "needs_lm_signals", False)
     if copy_prefix:  # one full copy of the context cache per row, as [B * R] blocks of one row
         prefix = jax.tree.map(lambda a: jnp.repeat(a, R, axis=1 if a.ndim > 2 else 0), prefix)
     targets = targets.astype(jnp.float32)
@@ -128,6 +162,9 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         state=controller.init(ctrl_params, B, K, T),
         key=key,
     )
+    if signals:
+        ent, margin = lm_signals(lm.logits(cfg, params, h0))
+        carry["signals"] = (jnp.broadcast_to(ent[:, None], (B, K)), jnp.broadcast_to(margin[:, None], (B, K)))
     dense_row = Controls(kappa=jnp.ones((B, 1)), rho=jnp.ones((B, 1)), bits=jnp.full((B, 1), 16, jnp.int32))
 
     def step(c, t):
@@ -136,6 +173,10 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         obs = Observation(h_prev=c["h_prev"], tokens=tokens, tok_emb=lm.embed(params, tokens),
                           scalars=step_scalars(t, T, effective, targets, c["usage_sum"], c["eff_count"]),
                           prev_action=c["prev_action"], t=t)
+        if signals:
+            prev_tokens = jnp.broadcast_to(blocks[:, M + t - 1][:, None], (B, K))
+            obs = obs._replace(lm_entropy=c["signals"][0], lm_margin=c["signals"][1],
+                               prev_tok_emb=lm.embed(params, prev_tokens))
         key, sub = jax.random.split(c["key"])
         controls, actions, logp_a, state = controller.act(ctrl_params, c["state"], obs, targets, sub)
         rows = controls
@@ -164,6 +205,8 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         new = dict(suffix=suffix, h_prev=h[:, :K], prev_action=fed.astype(jnp.int32),
                    usage_sum=c["usage_sum"] + usage * eff[..., None], eff_count=c["eff_count"] + eff,
                    state=state, key=key)
+        if signals:
+            new["signals"] = lm_signals(logits[:, :K])
         out = (actions, logp_a, logp_true, kl, effective, info.attended[:, :K], usage, obs.h_prev,
                obs.scalars, obs.prev_action, info.kept_keys[:, :K] if record_kept else None)
         return new, out

@@ -11,7 +11,11 @@ optimizer steps and their (mostly on-policy) ratios.
 
 The whole training state (policy, optimizer, gradient accumulator, buffer, data position, RNG) is
 one pytree, checkpointed with orbax every ``checkpoint_every`` optimizer updates, at the end and
-on interruption; ``--resume`` continues exactly where a run stopped.
+on interruption; ``--resume`` continues exactly where a run stopped, on the same or another mesh.
+
+On several devices or hosts (``mesh_data``/``mesh_model``, ``distributed``; see
+:mod:`soljax.parallel` and ``docs/scaleout.md``) the same two compiled steps run with explicit
+input and output shardings; on one device they run exactly as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from soljax import parallel
 from soljax.compress.actions import ActionGrid
 from soljax.config import AXES, TrainConfig
 from soljax.controllers import PolicyController
@@ -50,7 +55,9 @@ def action_grid(cfg: TrainConfig) -> ActionGrid:
 
 def sparsity_config(cfg: TrainConfig) -> SparsityConfig:
     return SparsityConfig(criterion=cfg.sparsity_criteria, page_size=cfg.quest_page_size, sink_tokens=cfg.Ts,
-                          window_tokens=cfg.Tw, relevancy_tier=cfg.relevancy_tier)
+                          window_tokens=cfg.Tw, relevancy_tier=cfg.relevancy_tier,
+                          attention_impl=cfg.attention_impl, mlp_impl=cfg.mlp_impl,
+                          kernel_interpret=cfg.kernel_interpret)
 
 
 def policy_config(cfg: TrainConfig) -> PolicyConfig:
@@ -98,25 +105,36 @@ def optimizer(cfg: TrainConfig, total_updates: int) -> optax.GradientTransformat
 # The trainer
 
 
+def load_lm(cfg: TrainConfig, sharding=None) -> tuple:
+    """The frozen LM of ``cfg.model`` (``embedded`` or a converted model directory) as
+    ``(LMConfig, params, tokenizer)``; ``sharding``: ``(path, shape) -> sharding`` to restore the
+    parameters straight onto a mesh (each host reads only its own shards)."""
+    from soljax.lm.checkpoint import load_model
+
+    model_dir = cfg.model
+    if model_dir == "embedded":
+        from soljax.embedded import ensure_embedded_model
+
+        model_dir = ensure_embedded_model()
+    elif not Path(model_dir).exists() and "/" in model_dir and not model_dir.startswith((".", "/")):
+        raise SoljaxError(f"model {model_dir!r} is a Hugging Face name: convert a local copy first "
+                          f"(soljax convert --from HF_DIR --out DIR) and pass model=DIR")
+    return load_model(Path(model_dir), dtype=cfg.dtype, sharding=sharding)
+
+
 class Trainer:
     """Holds the frozen LM, the data and the compiled steps; :meth:`run` trains."""
 
     def __init__(self, cfg: TrainConfig, lm: tuple | None = None, blocks: np.ndarray | None = None):
         from soljax.data import load_blocks
-        from soljax.lm.checkpoint import load_model
 
         self.cfg = cfg
-        if lm is None:
-            model_dir = cfg.model
-            if model_dir == "embedded":
-                from soljax.embedded import ensure_embedded_model
-
-                model_dir = ensure_embedded_model()
-            elif not Path(model_dir).exists() and "/" in model_dir and not model_dir.startswith((".", "/")):
-                raise SoljaxError(f"model {model_dir!r} is a Hugging Face name: convert a local copy first "
-                                  f"(soljax convert --from HF_DIR --out DIR) and pass model=DIR")
-            lm = load_model(Path(model_dir), dtype=cfg.dtype)
-        self.lm_cfg, self.lm_params, self.tokenizer = lm
+        parallel.initialize_distributed(cfg)
+        self.plan = parallel.plan_from_config(cfg)  # None: one device, the plain path
+        lm_sharding = self.plan.lm_sharding if self.plan else None
+        self.lm_cfg, self.lm_params, self.tokenizer = load_lm(cfg, lm_sharding) if lm is None else lm
+        if self.plan is not None:
+            self.lm_params = parallel.place(self.lm_params, self.plan.lm_shardings(self.lm_params))
         if blocks is None:
             blocks = load_blocks(cfg.data, self.tokenizer, context_len=cfg.context_len, rollout_len=cfg.rollout_len,
                                  seed=cfg.seed, max_blocks=cfg.max_blocks)
@@ -140,12 +158,20 @@ class Trainer:
         total_updates = self.num_batches // self.batches_per_buffer * self.num_minibatches // cfg.grad_accum_steps
         self.total_updates = total_updates
         self.tx = optimizer(cfg, max(1, total_updates))
-        self._collect = jax.jit(self._collect_impl)
-        self._learn = jax.jit(self._learn_impl)
+        if self.plan is None:
+            self._collect = jax.jit(self._collect_impl)
+            self._learn = jax.jit(self._learn_impl)
+        else:
+            self._compile_sharded()
 
     # ------------------------------------------------------------------ state
 
     def init_state(self) -> dict:
+        """A fresh training state (on a mesh: created in its shardings by one compiled call;
+        every process computes the same values from the seed)."""
+        return self._init_state_impl() if self.plan is None else self._init_sharded()
+
+    def _init_state_impl(self) -> dict:
         cfg = self.cfg
         key = jax.random.PRNGKey(cfg.seed)
         key, k_init = jax.random.split(key)
@@ -172,7 +198,24 @@ class Trainer:
         }
 
     def abstract_state(self) -> dict:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and shardings of the state: the target checkpoints restore onto."""
+        abstract = jax.eval_shape(self._init_state_impl)
+        if self.plan is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        return parallel.with_shardings(abstract, self.state_shardings)
+
+    def _compile_sharded(self) -> None:
+        """The compiled steps with explicit input/output shardings over ``self.plan``'s mesh."""
+        plan = self.plan
+        self.state_shardings = plan.state_shardings(jax.eval_shape(self._init_state_impl))
+        lm_sh = plan.lm_shardings(self.lm_params)
+        rep = plan.replicated
+        self._init_sharded = jax.jit(self._init_state_impl, out_shardings=self.state_shardings)
+        self._collect = jax.jit(self._collect_impl, in_shardings=(lm_sh, self.state_shardings, plan.blocks),
+                                out_shardings=(self.state_shardings, rep))
+        self._learn = jax.jit(self._learn_impl, in_shardings=(lm_sh["embed"], self.state_shardings),
+                              out_shardings=(self.state_shardings, rep))
 
     # ------------------------------------------------------------------ compiled pieces
 
@@ -268,7 +311,9 @@ class Trainer:
     def train_step(self, state: dict) -> tuple[dict, dict]:
         """One data batch (and, when the buffer is full, one pass of updates)."""
         start = time.perf_counter()
-        state, metrics = self._collect(self.lm_params, state, jnp.asarray(self.batch_blocks(int(state["batch"]))))
+        blocks = self.batch_blocks(int(state["batch"]))
+        blocks = jnp.asarray(blocks) if self.plan is None else self.plan.put_batch(blocks)
+        state, metrics = self._collect(self.lm_params, state, blocks)
         jax.block_until_ready(state)
         rollout_s = time.perf_counter() - start
         cfg = self.cfg
@@ -290,7 +335,9 @@ class Trainer:
         """Trains to the end of the data (or ``max_batches``); returns the final state."""
         from soljax.train_io import RunWriter
 
-        writer = RunWriter(Path(out_dir), self.cfg, keep=self.cfg.keep_checkpoints)
+        writer = RunWriter(Path(out_dir), self.cfg, keep=self.cfg.keep_checkpoints, primary=parallel.is_primary())
+        if self.plan is not None and progress and parallel.is_primary():
+            print(f"soljax: training on {parallel.describe(self.plan)}", file=sys.stderr)
         state = writer.restore(self.abstract_state()) if resume else None
         if state is None:
             if resume:

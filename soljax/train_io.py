@@ -20,15 +20,21 @@ import yaml
 from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
 
-# Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "out_dir"}
+# Keys that may change between a run and its resumption (a run may resume on another mesh).
+RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "out_dir", "mesh_data", "mesh_model",
+                     "shard_policy", "distributed", "coordinator_address", "num_processes", "process_id"}
 
 
 class RunWriter:
-    def __init__(self, out_dir: Path, cfg: TrainConfig, keep: int = 3):
+    """A run directory. In a multi-process run every process saves and restores checkpoints (each
+    writes and reads its own shards; ``out_dir`` must be shared by all hosts), while only the
+    ``primary`` process writes the config, metrics, TensorBoard events and plots."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, keep: int = 3, primary: bool = True):
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.keep = keep
+        self.primary = primary
         self._tb = None
         self._manager = None
 
@@ -48,11 +54,15 @@ class RunWriter:
         if ckpts.is_dir() and any(ckpts.iterdir()):
             raise SoljaxError(f"{self.out_dir} already holds a run: pass --resume to continue it or choose "
                               "another out_dir")
+        if not self.primary:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         (self.out_dir / "metrics.jsonl").write_text("")
 
     def restore(self, abstract_state: dict) -> dict | None:
+        """The latest checkpoint restored onto ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves;
+        their shardings say where each array goes, whatever mesh saved it), or None."""
         import orbax.checkpoint as ocp
 
         if not (self.out_dir / "checkpoints").is_dir():
@@ -80,7 +90,7 @@ class RunWriter:
     def _truncate_metrics(self, batch: int) -> None:
         """Drops metric lines written after the restored checkpoint (they will be redone)."""
         path = self.out_dir / "metrics.jsonl"
-        if not path.is_file():
+        if not self.primary or not path.is_file():
             return
         keep = [row for row in read_metrics(path) if row["batch"] <= batch]
         path.write_text("".join(json.dumps(row) + "\n" for row in keep))
@@ -97,6 +107,8 @@ class RunWriter:
     # ------------------------------------------------------------------ metrics
 
     def log(self, metrics: dict) -> None:
+        if not self.primary:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if self._tb is None:
@@ -114,7 +126,7 @@ class RunWriter:
     def progress(self, total: int, initial: int, enabled: bool):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc="train", unit="batch", disable=not enabled,
+        return tqdm(total=total, initial=initial, desc="train", unit="batch", disable=not (enabled and self.primary),
                     file=sys.stderr, dynamic_ncols=True)
 
     def finish(self) -> None:
@@ -122,6 +134,8 @@ class RunWriter:
             self._tb.close()
         if self._manager is not None:
             self._manager.close()
+        if not self.primary:
+            return
         from soljax.plots import plot_training
 
         plot_training(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
@@ -131,9 +145,24 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
 
 
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """The data batches at which a training run has (finished) checkpoints, ascending."""
+    import orbax.checkpoint as ocp
+
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    mgr = ocp.CheckpointManager(ckpts.absolute())
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
+
+
 def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, dict]:
     """A training run's config and its policy variables (for ``SOLPolicy.apply``) at checkpoint
-    ``step`` (default: the latest)."""
+    ``step`` (default: the latest), on this process's first device whatever mesh saved them."""
+    import jax
     import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir)
@@ -142,15 +171,18 @@ def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConf
         raise SoljaxError(f"{run_dir} is not a soljax training run (no config.yaml)")
     cfg = TrainConfig.from_dict(yaml.safe_load(saved.read_text()) or {})
     ckpts = run_dir / "checkpoints"
-    mgr = ocp.CheckpointManager(ckpts.absolute()) if ckpts.is_dir() else None
-    steps = mgr.all_steps() if mgr is not None else []
+    steps = checkpoint_steps(run_dir)
     if not steps:
         raise SoljaxError(f"{run_dir} holds no checkpoint yet")
     step = max(steps) if step is None else step
     if step not in steps:
-        raise SoljaxError(f"{run_dir} has no checkpoint {step} (has {sorted(steps)})")
+        raise SoljaxError(f"{run_dir} has no checkpoint {step} (has {steps})")
+    mgr = ocp.CheckpointManager(ckpts.absolute(), item_handlers=ocp.StandardCheckpointHandler())
     try:
-        state = mgr.restore(step, args=ocp.args.StandardRestore())
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = mgr.item_metadata(step).tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+        state = mgr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:
         raise SoljaxError(f"cannot restore {ckpts / str(step)}: "
                           f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None

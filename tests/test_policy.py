@@ -216,7 +216,6 @@ def test_temperature_scales_logits():
 
 def test_budget_head_offsets_logits():
     cfg = small_cfg()
-    module = SOLPolicy(cfg, A)
     params = params_for(cfg)
     h, e, s, a, tg = episode(6, 2, 16)
     tg2 = tg.at[:, 0].add(-0.3)

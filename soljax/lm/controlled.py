@@ -31,24 +31,35 @@ from soljax.compress import attention as sparse
 from soljax.compress.prune import prune_topk
 from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
+from soljax.lm import kernel_path
 from soljax.lm import layers as L
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 
 CRITERIA = ("quest", "recency", "relevancy")
+IMPLS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparsityConfig:
     """How token sparsity is applied: ``criterion`` (quest | recency | relevancy), QUEST
     ``page_size``, ``sink_tokens`` (Ts) and ``window_tokens`` (Tw) for recency/relevancy and the
-    effective-step rule, and the relevancy ``relevancy_tier`` (per_head | per_layer)."""
+    effective-step rule, and the relevancy ``relevancy_tier`` (per_head | per_layer).
+
+    ``attention_impl`` / ``mlp_impl`` (xla | pallas) choose how the decode step runs attention and
+    the MLP: ``xla`` is the masked reference path; ``pallas`` runs the kernels of
+    :mod:`soljax.kernels` (page-sparse attention, needs QUEST; channel-gathered MLP with the
+    fake-quant epilogue), which read only the kept pages and weight rows. ``kernel_interpret`` runs
+    the Pallas kernels interpreted (the only way on CPU)."""
 
     criterion: str = "quest"
     page_size: int = 8
     sink_tokens: int = 4
     window_tokens: int = 2
     relevancy_tier: str = "per_head"
+    attention_impl: str = "xla"
+    mlp_impl: str = "xla"
+    kernel_interpret: bool = False
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
@@ -61,6 +72,14 @@ class SparsityConfig:
                 raise SoljaxError(f"{name} must be a non-negative integer, got {v!r}")
         if self.relevancy_tier not in ("per_head", "per_layer"):
             raise SoljaxError(f"relevancy_tier must be per_head or per_layer, got {self.relevancy_tier!r}")
+        for name in ("attention_impl", "mlp_impl"):
+            if getattr(self, name) not in IMPLS:
+                raise SoljaxError(f"{name} must be one of {IMPLS}, got {getattr(self, name)!r}")
+        if self.attention_impl == "pallas" and self.criterion != "quest":
+            raise SoljaxError(f"attention_impl 'pallas' reads whole QUEST pages: it needs criterion 'quest', "
+                              f"got {self.criterion!r}")
+        if not isinstance(self.kernel_interpret, bool):
+            raise SoljaxError(f"kernel_interpret must be true or false, got {self.kernel_interpret!r}")
 
     @property
     def min_effective_kv(self) -> int:
@@ -211,8 +230,10 @@ def controlled_step(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix: S
         sk = jax.lax.dynamic_update_slice_in_dim(sk, k_new[:, :, None], t, axis=2)
         sv = jax.lax.dynamic_update_slice_in_dim(sv, v_new[:, :, None], t, axis=2)
         qg = q.reshape(B, K, Hkv, G, Dh)
-        logits_p = jnp.einsum("bkhgd,bmhd->bkhgm", qg, pk, preferred_element_type=jnp.float32) * scale
-        logits_s = jnp.einsum("bkhgd,bkthd->bkhgt", qg, sk, preferred_element_type=jnp.float32) * scale
+        logits_p = logits_s = None  # the kernel path never scores every key
+        if scfg.attention_impl == "xla":
+            logits_p = jnp.einsum("bkhgd,bmhd->bkhgm", qg, pk, preferred_element_type=jnp.float32) * scale
+            logits_s = jnp.einsum("bkhgd,bkthd->bkhgt", qg, sk, preferred_element_type=jnp.float32) * scale
         mask_p, mask_s = valid_p, valid_s
         if controls is not None:
             keep_p, keep_s = _keep_masks(scfg, q, logits_p, logits_s, (pmax, pmin, prefix.page_valid), sk,
@@ -221,18 +242,27 @@ def controlled_step(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix: S
             keep_s = keep_s.reshape(B, K, Hkv, G, T)
             mask_p, mask_s = mask_p & keep_p, mask_s & keep_s
         kept = jnp.broadcast_to(mask_p.sum(-1) + mask_s.sum(-1), (B, K, Hkv, G)).reshape(B, K, Hq)
-        scores = jnp.concatenate([jnp.where(mask_p, logits_p, lm.MASK_VALUE),
-                                  jnp.where(mask_s, logits_s, lm.MASK_VALUE)], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1)
-        attn = (jnp.einsum("bkhgm,bmhd->bkhgd", probs[..., :M].astype(pv.dtype), pv)
-                + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., M:].astype(sv.dtype), sv))
+        if scfg.attention_impl == "xla":
+            scores = jnp.concatenate([jnp.where(mask_p, logits_p, lm.MASK_VALUE),
+                                      jnp.where(mask_s, logits_s, lm.MASK_VALUE)], axis=-1)
+            probs = jax.nn.softmax(scores, axis=-1)
+            attn = (jnp.einsum("bkhgm,bmhd->bkhgd", probs[..., :M].astype(pv.dtype), pv)
+                    + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., M:].astype(sv.dtype), sv))
+        else:
+            attn = kernel_path.page_attention(qg, pk, pv, prefix.lengths, sk, sv, mask_p, mask_s,
+                                              page_size=scfg.page_size, interpret=scfg.kernel_interpret)
         x = x + L.output_proj(lp, attn.reshape(B, K, Hq, Dh), cfg)
         h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        if controls is not None:
-            h2 = prune_topk(h2, rho)
-        out = L.mlp(lp, h2)
-        if controls is not None:
-            out = fake_quant(out, bits)
+        if scfg.mlp_impl == "pallas":
+            out = kernel_path.sparse_mlp(lp, h2, rho if controls is not None else None,
+                                         bits if controls is not None else None,
+                                         interpret=scfg.kernel_interpret)
+        else:
+            if controls is not None:
+                h2 = prune_topk(h2, rho)
+            out = L.mlp(lp, h2)
+            if controls is not None:
+                out = fake_quant(out, bits)
         return x + out, (k_new, v_new, kept.astype(jnp.int32))
 
     x = lm.embed(params, tokens_bk)

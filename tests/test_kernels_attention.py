@@ -1,0 +1,154 @@
+"""QUEST page-sparse decode attention: each Pallas kernel against the pure-JAX reference.
+
+``QuestAttentionCases`` holds the cases; each ``Test*`` subclass runs them for one kernel, natively
+(skipped without that accelerator) or interpreted on CPU. Inputs are random (never zeros); keys and
+values the attention must not use (past ``prefix_len``, unselected pages, unattended suffix slots)
+are NaN, and the kernels' outputs start NaN-filled, so a read of the wrong data or an unwritten
+element fails.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soljax.errors import SoljaxError
+from soljax.kernels import ops
+from soljax.kernels.quest_attention import pages_from_keep, quest_decode_attention_reference
+
+# (B, K, Hq, Hkv, Dh, M, T, page_size, prefix_len): ragged lengths, GQA ratios 1, 3 and 4, a partial
+# last page, and a suffix longer than a page.
+SHAPES = [
+    (2, 3, 6, 2, 16, 40, 5, 4, (40, 23)),
+    (1, 2, 4, 4, 32, 64, 3, 8, (57,)),
+    (3, 1, 8, 2, 16, 29, 18, 4, (29, 1, 13)),
+]
+
+
+def make_case(shape, dtype, seed=0, capacity=None):
+    """Random inputs of the contract for ``shape`` (numpy RNG: cheap), and the page size."""
+    B, K, Hq, Hkv, Dh, M, T, ps, plen = shape
+    P = -(-M // ps)
+    G = Hq // Hkv
+    rng = np.random.default_rng(seed)
+    plen = np.array(plen, np.int32)
+    keep = (rng.random((B, K, Hq, P)) < 0.35) & (np.arange(P) * ps < plen[:, None, None, None])
+    smask = rng.random((B, K, Hq, T)) < 0.5
+    smask[..., T - 1] = True  # the newest key: always attended
+    pages, num, heads = pages_from_keep(jnp.asarray(keep), Hkv, capacity)
+    # prefix keys/values: NaN past prefix_len and on pages no head of the group selected
+    used = keep.reshape(B, K, Hkv, G, P).any(axis=(1, 3))  # [B, Hkv, P]
+    slot_ok = np.repeat(used, ps, axis=-1)[..., :M].transpose(0, 2, 1)  # [B, M, Hkv]
+    slot_ok = (slot_ok & (np.arange(M)[None, :, None] < plen[:, None, None]))[..., None]
+    seen = smask.reshape(B, K, Hkv, G, T).any(3).transpose(0, 1, 3, 2)[..., None]  # [B, K, T, Hkv, 1]
+
+    def rand(shape, ok):
+        return jnp.asarray(np.where(ok, rng.standard_normal(shape), np.nan), dtype)
+
+    q = jnp.asarray(rng.standard_normal((B, K, Hq, Dh)), dtype)
+    args = (q, rand((B, M, Hkv, Dh), slot_ok), rand((B, M, Hkv, Dh), slot_ok), jnp.asarray(plen),
+            rand((B, K, T, Hkv, Dh), seen), rand((B, K, T, Hkv, Dh), seen), jnp.asarray(smask), pages, num, heads)
+    return args, ps
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def dense_masked(args, ps):
+    """Plain masked softmax attention over every key (independent of the page lists' encoding)."""
+    q, kp, vp, plen, ksuf, vsuf, smask, pages, num, heads = args
+    B, K, Hq, Dh = q.shape
+    M, Hkv = kp.shape[1], kp.shape[2]
+    G = Hq // Hkv
+    NP = pages.shape[-1]
+    used = jnp.arange(NP) < num[..., None]
+    bits = (heads[..., None, :] >> jnp.arange(G)[:, None]) & 1  # [B, K, Hkv, G, NP]
+    P = -(-M // ps)
+    onehot = jax.nn.one_hot(jnp.where(used, pages, P), P + 1)[..., :P]  # [B, K, Hkv, NP, P]
+    page_keep = jnp.einsum("bkhgn,bkhnp->bkhgp", (bits * used[..., None, :]).astype(jnp.float32), onehot) > 0
+    mask_p = jnp.repeat(page_keep, ps, axis=-1)[..., :M] & (jnp.arange(M) < plen[:, None, None, None, None])
+    qf = q.astype(jnp.float32).reshape(B, K, Hkv, G, Dh) / np.sqrt(Dh)
+    lp = jnp.einsum("bkhgd,bmhd->bkhgm", qf, jnp.nan_to_num(kp.astype(jnp.float32)), precision="highest")
+    ls = jnp.einsum("bkhgd,bkthd->bkhgt", qf, jnp.nan_to_num(ksuf.astype(jnp.float32)), precision="highest")
+    ms = smask.reshape(B, K, Hkv, G, -1)
+    probs = jax.nn.softmax(jnp.concatenate([jnp.where(mask_p, lp, -1e30), jnp.where(ms, ls, -1e30)], -1), -1)
+    out = (jnp.einsum("bkhgm,bmhd->bkhgd", probs[..., :M], jnp.nan_to_num(vp.astype(jnp.float32)),
+                      precision="highest")
+           + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., M:], jnp.nan_to_num(vsuf.astype(jnp.float32)),
+                        precision="highest"))
+    return out.reshape(B, K, Hq, Dh)
+
+
+def assert_close(got, want, rtol):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(got).any(), "unwritten (NaN) output elements or NaN data read"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_reference_equals_dense_masked_attention():
+    for i, shape in enumerate(SHAPES[::2]):  # GQA 3 and 4, ragged, partial pages
+        args, ps = make_case(shape, jnp.float32, seed=i)
+        assert_close(quest_decode_attention_reference(*args, page_size=ps), dense_masked(args, ps), 1e-5)
+
+
+def test_pages_from_keep_lists_each_groups_union_in_order():
+    keep = jnp.array([[[[1, 0, 1, 0], [0, 0, 1, 1]]]], bool)  # B=K=1, Hq=2 over one KV head
+    pages, num, heads = pages_from_keep(keep, 1)
+    assert num.tolist() == [[[3]]]
+    assert pages[0, 0, 0, :3].tolist() == [0, 2, 3]
+    assert heads[0, 0, 0].tolist() == [0b01, 0b11, 0b10, 0]
+
+
+class QuestAttentionCases:
+    kernel = "gpu"
+    interpret = False
+
+    def setup_method(self):
+        if not self.interpret and jax.default_backend() != self.kernel:
+            pytest.skip(f"needs a {self.kernel.upper()}")
+
+    def run(self, args, ps):
+        return ops.quest_decode_attention(*args, page_size=ps, impl="pallas", interpret=self.interpret,
+                                          kernel=self.kernel)
+
+    @pytest.mark.parametrize("shape", SHAPES, ids=["gqa3-ragged", "mha", "gqa4-long-suffix"])
+    def test_float32_matches_reference(self, shape):
+        args, ps = make_case(shape, jnp.float32, seed=1)
+        assert_close(self.run(args, ps), quest_decode_attention_reference(*args, page_size=ps), 1e-5)
+
+    def test_bfloat16_matches_reference(self):
+        args, ps = make_case(SHAPES[0], jnp.bfloat16, seed=2)
+        got = self.run(args, ps)
+        assert got.dtype == jnp.bfloat16
+        assert_close(got, quest_decode_attention_reference(*args, page_size=ps), 1e-2)
+
+    def test_a_capacity_larger_than_the_selection(self):
+        args, ps = make_case(SHAPES[1], jnp.float32, seed=3, capacity=11)  # unused slots hold junk pages
+        assert_close(self.run(args, ps), dense_masked(args, ps), 1e-5)
+
+
+class TestQuestAttentionGpu(QuestAttentionCases):
+    kernel = "gpu"
+
+
+class TestQuestAttentionGpuInterpret(QuestAttentionCases):
+    kernel = "gpu"
+    interpret = True
+
+
+class TestQuestAttentionTpu(QuestAttentionCases):
+    kernel = "tpu"
+
+
+class TestQuestAttentionTpuInterpret(QuestAttentionCases):
+    kernel = "tpu"
+    interpret = True
+
+
+def test_impl_selection_errors():
+    args, ps = make_case(SHAPES[1], jnp.float32)
+    with pytest.raises(SoljaxError, match="impl"):
+        ops.quest_decode_attention(*args, page_size=ps, impl="triton")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(SoljaxError, match="GPU or TPU"):
+            ops.quest_decode_attention(*args, page_size=ps, impl="pallas")
