@@ -277,6 +277,8 @@ def cmd_demo(args) -> None:
     print(f"  realized: {_budget_line(s['controlled']['budget'])}")
     if "dense" in s:
         print(f"[dense]  {s['prompt']}{s['dense']['text']}")
+        print(f"  mean log-prob under the dense model: policy's text {s['controlled']['mean_dense_logprob']:.3f}, "
+              f"dense text {s['dense']['mean_dense_logprob']:.3f}")
     print("\nwritten:")
     for name, path in paths.items():
         if name != "elapsed_s":

@@ -226,11 +226,11 @@ class Sweep:
         nb = math.ceil(N / min(self.sc.batch_size, N))
         P = len(self.targets)
         baselines = methods & {"fixed", "random", "emc", "dac"}
-        total = nb * P * (1 + bool(baselines)) + nb * bool(methods & {"dense", "static"})
+        total = nb * P * (("policy" in methods) + bool(baselines)) + nb * bool(methods & {"dense", "static"})
         bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         res, passage = _Results(), {}
         pol_targets = [np.asarray(t, np.float64) for t in self.targets]
-        for bi, chunk, pre in self._batches(blocks):  # pass 1: the policy at every target
+        for bi, chunk, pre in self._batches(blocks) if "policy" in methods else ():  # pass 1: the policy
             B = chunk.shape[0]
             for p, tgt in enumerate(pol_targets):
                 nll, usage, actions = self._run(chunk, pre, self.policy, self.policy_vars,
@@ -239,7 +239,9 @@ class Sweep:
                 if bi == 0:
                     passage[p] = actions[:, 0]
                 bar.update(1)
-        matched = {p: res.get(f"policy/{p}", N)[1].mean(0) for p in range(P)}
+        # baselines spend what the policy spent (or the targets themselves without a policy)
+        matched = {p: res.get(f"policy/{p}", N)[1].mean(0) if "policy" in methods else pol_targets[p]
+                   for p in range(P)}
         names, static = static_controls(self.static, self.grid.rho_max)
         R = self.sc.random_trials
         eval_fixed = bool(methods & {"fixed", "random"})

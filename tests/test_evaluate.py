@@ -126,3 +126,10 @@ def test_pareto_targets_and_config_errors():
                dict(static=("zeroquant:4.5",)), dict(targets=((0.5, 0.5),))):
         with pytest.raises(SoljaxError):
             SweepConfig(**kw)
+
+
+def test_baselines_without_a_policy_are_matched_to_the_targets():
+    sc = SweepConfig(num_blocks=4, batch_size=4, methods=("fixed",), targets=((0.5, 0.8, 0.5),))
+    (pt,) = Sweep(LM, CFG, {}, sc).run(BLOCKS[:4], progress=False)["points"]
+    assert pt["method"] == "fixed" and pt["target"] == pytest.approx({"token": 0.5, "prune": 0.8, "quant": 0.5})
+    assert abs(pt["usage"]["token"] - 0.5) <= STEP[0] / T + 1e-6
