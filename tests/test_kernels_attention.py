@@ -127,13 +127,46 @@ class QuestAttentionCases:
         assert_close(self.run(args, ps), dense_masked(args, ps), 1e-5)
 
 
-class TestQuestAttentionGpu(QuestAttentionCases):
+class SplitCases:
+    """The Triton kernel's flash-decoding split: each (row, KV head)'s used page slots over
+    ``num_splits`` programs, merged afterwards."""
+
+    # keys_per_step=16 is 4 pages of 4 a step: SHAPES[0] rows use 3-9 of 10 slots, so 3 chunks of whole
+    # steps come out full, short and empty; SHAPES[2] has a row with no pages (every chunk empty)
+    @pytest.mark.parametrize("num_splits", [1, 3])
+    @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=["gqa3-ragged", "gqa4-long-suffix"])
+    def test_split_pages_match_reference(self, shape, num_splits):
+        from soljax.kernels.quest_attention_gpu import quest_decode_attention_gpu
+
+        args, ps = make_case(shape, jnp.float32, seed=4)
+        got = quest_decode_attention_gpu(*args, page_size=ps, interpret=self.interpret, keys_per_step=16,
+                                         num_splits=num_splits)
+        assert_close(got, quest_decode_attention_reference(*args, page_size=ps), 1e-5)
+
+
+class TestQuestAttentionGpu(QuestAttentionCases, SplitCases):
     kernel = "gpu"
 
 
-class TestQuestAttentionGpuInterpret(QuestAttentionCases):
+class TestQuestAttentionGpuInterpret(QuestAttentionCases, SplitCases):
     kernel = "gpu"
     interpret = True
+
+
+def test_merge_partials_ignores_empty_chunks():
+    from soljax.kernels.quest_attention import MASK_VALUE
+    from soljax.kernels.quest_attention_gpu import merge_partials
+
+    rng = np.random.default_rng(0)
+    o = jnp.asarray(rng.standard_normal((3, 2, 4)), jnp.float32)  # [S, G, Dh]
+    m = jnp.array([[1.0, MASK_VALUE], [MASK_VALUE, -jnp.inf], [3.0, MASK_VALUE]], jnp.float32)  # [S, G]
+    l = jnp.array([[2.0, 0.0], [0.0, 0.0], [0.5, 0.0]], jnp.float32)
+    o = o * (l > 0)[..., None]  # empty chunks hold a zero output
+    got = np.asarray(merge_partials(o, m, l))
+    w = np.exp(np.array([1.0, 3.0]) - 3.0)
+    want0 = (w[0] * o[0, 0] + w[1] * o[2, 0]) / (w[0] * 2.0 + w[1] * 0.5)
+    np.testing.assert_allclose(got[0], want0, rtol=1e-6)
+    assert not np.isnan(got).any() and (got[1] == 0).all()  # a head with no keys: 0, not NaN
 
 
 class TestQuestAttentionTpu(QuestAttentionCases):
