@@ -34,6 +34,21 @@ import math
 import jax
 import jax.numpy as jnp
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dot_nt(a, b):
+    """``a [m, d] @ b [n, d].T`` in IEEE float32 (for kernel bodies)."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def dot(a, b):
+    """``a [m, d] @ b [d, n]`` in IEEE float32 (for kernel bodies)."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 MAX_GROUP = 31  # query heads per KV head that fit the int32 bitmask
 
@@ -111,10 +126,9 @@ def quest_decode_attention_reference(q, k_prefix, v_prefix, prefix_len, k_suffix
     vp = jnp.where(valid[..., None], v_prefix[b, posc, h].astype(f32), 0.0)  # unread slots add nothing
     qg = q.reshape(B, K, Hkv, G, Dh).astype(f32)
     scale = 1.0 / math.sqrt(Dh)
-    hp = jax.lax.Precision.HIGHEST
-    lp = jnp.einsum("bkhgd,bkhnsd->bkhgns", qg, kp, precision=hp) * scale
+    lp = jnp.einsum("bkhgd,bkhnsd->bkhgns", qg, kp, precision=HIGHEST) * scale
     mp = head_bits(page_heads, G)[..., None] & valid[:, :, :, None]  # [B, K, Hkv, G, NP, ps]
-    ls = jnp.einsum("bkhgd,bkthd->bkhgt", qg, k_suffix.astype(f32), precision=hp) * scale
+    ls = jnp.einsum("bkhgd,bkthd->bkhgt", qg, k_suffix.astype(f32), precision=HIGHEST) * scale
     ms = suffix_mask.reshape(B, K, Hkv, G, T)
     seen = jnp.moveaxis(ms.any(axis=3), 2, 3)[..., None]  # [B, K, T, Hkv, 1]: some head attends
     vs = jnp.where(seen, v_suffix.astype(f32), 0.0)
@@ -122,6 +136,6 @@ def quest_decode_attention_reference(q, k_prefix, v_prefix, prefix_len, k_suffix
     logits = jnp.concatenate([jnp.where(mp, lp, MASK_VALUE).reshape(B, K, Hkv, G, S),
                               jnp.where(ms, ls, MASK_VALUE)], axis=-1)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = (jnp.einsum("bkhgs,bkhsd->bkhgd", probs[..., :S], vp.reshape(B, K, Hkv, S, Dh), precision=hp)
-           + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., S:], vs, precision=hp))
+    out = (jnp.einsum("bkhgs,bkhsd->bkhgd", probs[..., :S], vp.reshape(B, K, Hkv, S, Dh), precision=HIGHEST)
+           + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., S:], vs, precision=HIGHEST))
     return out.reshape(B, K, Hq, Dh).astype(q.dtype)

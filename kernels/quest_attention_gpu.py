@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from soljax.kernels.quest_attention import MASK_VALUE, check_shapes
+from soljax.kernels.quest_attention import MASK_VALUE, check_shapes, dot, dot_nt
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -38,17 +38,6 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def _dot_nt(a, b):
-    """``a [m, d] @ b [n, d].T`` in IEEE float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
 def online_softmax_step(carry, s, mask, v):
     """One flash-decoding step: fold logits ``s [G, N]`` (``mask`` = attended) and values ``v [N, Dh]``
     into ``(m [G], l [G], acc [G, Dh])``."""
@@ -57,7 +46,7 @@ def online_softmax_step(carry, s, mask, v):
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + _dot(p, v)
+    return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p, v)
 
 
 def _kernel(plen_ref, num_ref, pages_ref, heads_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, smask_ref,
@@ -89,7 +78,7 @@ def _kernel(plen_ref, num_ref, pages_ref, heads_ref, q_ref, kp_ref, vp_ref, ks_r
         kk = jnp.where(ok[:, None], kp_ref[b, posc, h, :].astype(f32), 0.0)  # [N, Dh]
         vv = jnp.where(ok[:, None], vp_ref[b, posc, h, :].astype(f32), 0.0)
         mask = ok[None, :] & (((bits[None, :] >> g) & 1) == 1)  # [Gp, N]
-        return online_softmax_step(carry, _dot_nt(q, kk) * scale, mask, vv)
+        return online_softmax_step(carry, dot_nt(q, kk) * scale, mask, vv)
 
     carry = (jnp.full((Gp,), MASK_VALUE, f32), jnp.zeros((Gp,), f32), jnp.zeros((Gp, Dh), f32))
     nsteps = (jnp.maximum(end - start, 0) + pages_per_step - 1) // pages_per_step
@@ -99,7 +88,7 @@ def _kernel(plen_ref, num_ref, pages_ref, heads_ref, q_ref, kp_ref, vp_ref, ks_r
     vs = vs_ref[b, k, :, h, :].astype(f32)
     smask = (smask_ref[b, k, h, :, :] != 0) & (s == num_splits - 1)  # [Gp, Tp]
     vs = jnp.where(jnp.max(smask.astype(jnp.int32), axis=0)[:, None] > 0, vs, 0.0)
-    m, l, acc = online_softmax_step(carry, _dot_nt(q, ks) * scale, smask, vs)
+    m, l, acc = online_softmax_step(carry, dot_nt(q, ks) * scale, smask, vs)
     o_ref[b, k, h, s, :, :] = acc  # unnormalized
     m_ref[b, k, h, s, :] = m
     l_ref[b, k, h, s, :] = l

@@ -25,19 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from soljax.kernels.quest_attention import MASK_VALUE, check_shapes
+from soljax.kernels.quest_attention import MASK_VALUE, check_shapes, dot, dot_nt
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _dot_nt(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=HIGHEST,
-                               preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=HIGHEST,
-                               preferred_element_type=jnp.float32)
 
 
 def _fold(m_ref, l_ref, acc_ref, s, mask, v):
@@ -49,7 +39,7 @@ def _fold(m_ref, l_ref, acc_ref, s, mask, v):
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     m_ref[...] = m_new
     l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_ref[...] = acc_ref[...] * alpha + _dot(p, v)
+    acc_ref[...] = acc_ref[...] * alpha + dot(p, v)
 
 
 def _kernel(plen_ref, num_ref, pages_ref, heads_ref, q_ref, kp_ref, vp_ref, ks_ref, vs_ref, smask_ref,
@@ -76,14 +66,14 @@ def _kernel(plen_ref, num_ref, pages_ref, heads_ref, q_ref, kp_ref, vp_ref, ks_r
         vv = jnp.where(ok, vp_ref[...].astype(f32), 0.0)
         g = jax.lax.broadcasted_iota(jnp.int32, (G, page_size), 0)
         mask = (((bits >> g) & 1) == 1) & ok.reshape(1, page_size)
-        _fold(m_ref, l_ref, acc_ref, _dot_nt(q_ref[...].astype(f32), kk) * scale, mask, vv)
+        _fold(m_ref, l_ref, acc_ref, dot_nt(q_ref[...].astype(f32), kk) * scale, mask, vv)
 
     @pl.when(i == num_slots - 1)
     def _finish():
         smask = smask_ref[...] != 0  # [G, T]
         vs = jnp.where(jnp.max(smask.astype(jnp.int32), axis=0, keepdims=True).reshape(-1, 1) > 0,
                        vs_ref[...].astype(f32), 0.0)
-        _fold(m_ref, l_ref, acc_ref, _dot_nt(q_ref[...].astype(f32), ks_ref[...].astype(f32)) * scale,
+        _fold(m_ref, l_ref, acc_ref, dot_nt(q_ref[...].astype(f32), ks_ref[...].astype(f32)) * scale,
               smask, vs)
         l = l_ref[...]
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)

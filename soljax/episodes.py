@@ -37,8 +37,8 @@ import numpy as np
 from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
-from soljax.lm.controlled import Controls, SparsityConfig, SuffixCache, controlled_step, shared_prefix_from_cache
-from soljax.rollout import Observation, step_scalars, usage_per_step
+from soljax.lm.controlled import SparsityConfig, SuffixCache, controlled_step, shared_prefix_from_cache
+from soljax.rollout import Observation, applied_usage, step_scalars
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -230,9 +230,7 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller, c
         logits = logits[:, 0]
         nxt = jnp.where(force_bt[:, t], forced_bt[:, t], sample_token(logits, k_tok, temperature, top_p))
         logp = jax.nn.log_softmax(logits, axis=-1)[rows, nxt]
-        applied = Controls(kappa=jnp.where(effective, controls.kappa, 1.0), rho=jnp.where(effective, controls.rho, 1.0),
-                           bits=jnp.where(effective, controls.bits, 16))
-        usage = usage_per_step(applied, controller.rho_max)  # [B, 1, 3]
+        usage = applied_usage(controls, effective, controller.rho_max)  # [B, 1, 3]
         eff = effective.astype(jnp.float32)
         new = dict(suffix=suffix, h_prev=h, token=nxt.astype(jnp.int32), prev_token=c["token"],
                    prev_action=jnp.where(effective, actions, controller.dense_id).astype(jnp.int32),

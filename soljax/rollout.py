@@ -92,6 +92,14 @@ def usage_per_step(controls: Controls, rho_max: float) -> jax.Array:
                       controls.bits.astype(jnp.float32) / 16.0], axis=-1)
 
 
+def applied_usage(controls: Controls, effective: jax.Array, rho_max: float) -> jax.Array:
+    """``[..., 3]`` nominal usage of the controls a step actually applied: the chosen ones on
+    effective steps, dense elsewhere."""
+    applied = Controls(kappa=jnp.where(effective, controls.kappa, 1.0), rho=jnp.where(effective, controls.rho, 1.0),
+                       bits=jnp.where(effective, controls.bits, 16))
+    return usage_per_step(applied, rho_max)
+
+
 def episode_usage(usage: jax.Array, effective: jax.Array) -> jax.Array:
     """Mean of ``usage [..., T, 3]`` over effective steps -> ``[..., 3]``."""
     eff = effective.astype(jnp.float32)[..., None]
@@ -197,9 +205,7 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         logp = jax.nn.log_softmax(logits[:, :K], axis=-1)
         logp_true = jnp.take_along_axis(logp, jnp.broadcast_to(label[:, None, None], (B, K, 1)), -1)[..., 0]
         kl = kl_categorical(logits[:, K:], logits[:, :K]) if dense_kl else jnp.zeros((B, K), jnp.float32)
-        applied = Controls(kappa=jnp.where(effective, controls.kappa, 1.0), rho=jnp.where(effective, controls.rho, 1.0),
-                           bits=jnp.where(effective, controls.bits, 16))
-        usage = usage_per_step(applied, controller.rho_max)
+        usage = applied_usage(controls, effective, controller.rho_max)
         eff = effective.astype(jnp.float32)
         fed = jnp.where(effective, actions, controller.dense_id) if feed_effective else actions
         new = dict(suffix=suffix, h_prev=h[:, :K], prev_action=fed.astype(jnp.int32),
