@@ -338,36 +338,42 @@ class Trainer:
         writer = RunWriter(Path(out_dir), self.cfg, keep=self.cfg.keep_checkpoints, primary=parallel.is_primary())
         if self.plan is not None and progress and parallel.is_primary():
             print(f"soljax: training on {parallel.describe(self.plan)}", file=sys.stderr)
+        try:
+            state = self._run(writer, resume, progress, on_batch)
+        finally:
+            writer.close()
+        writer.plot()
+        return state
+
+    def _run(self, writer, resume: bool, progress: bool, on_batch) -> dict:
         state = writer.restore(self.abstract_state()) if resume else None
         if state is None:
             if resume:
-                print(f"soljax: no checkpoint in {out_dir}; starting a new run", file=sys.stderr)
+                print(f"soljax: no checkpoint in {writer.out_dir}; starting a new run", file=sys.stderr)
             writer.start_fresh()
             state = self.init_state()
         first = int(state["batch"])
         last_ckpt = int(state["updates"])
-        bar = writer.progress(total=self.num_batches, initial=first, enabled=progress)
-        try:
-            while int(state["batch"]) < self.num_batches:
-                state, metrics = self.train_step(state)
-                writer.log(metrics)
-                bar.update(1)
-                bar.set_postfix(upd=metrics["updates"], pen=f"{metrics['penalty_mean']:.3f}",
-                                rew=f"{metrics['reward_mean']:.2f}", refresh=False)
-                if int(state["updates"]) - last_ckpt >= self.cfg.checkpoint_every:
-                    writer.save(state)
-                    last_ckpt = int(state["updates"])
-                if on_batch is not None:
-                    on_batch(state, metrics)
-        except KeyboardInterrupt:
-            writer.save(state)
-            bar.close()
-            print(f"\nsoljax: interrupted; state saved at batch {int(state['batch'])} "
-                  f"(continue with --resume)", file=sys.stderr)
-            raise
-        bar.close()
+        with writer.progress(total=self.num_batches, initial=first, enabled=progress) as bar:
+            try:
+                while int(state["batch"]) < self.num_batches:
+                    state, metrics = self.train_step(state)
+                    writer.log(metrics)
+                    bar.update(1)
+                    bar.set_postfix(upd=metrics["updates"], pen=f"{metrics['penalty_mean']:.3f}",
+                                    rew=f"{metrics['reward_mean']:.2f}", refresh=False)
+                    if int(state["updates"]) - last_ckpt >= self.cfg.checkpoint_every:
+                        writer.save(state)
+                        last_ckpt = int(state["updates"])
+                    if on_batch is not None:
+                        on_batch(state, metrics)
+            except KeyboardInterrupt:
+                writer.save(state)
+                bar.close()
+                print(f"\nsoljax: interrupted; state saved at batch {int(state['batch'])} "
+                      f"(continue with --resume)", file=sys.stderr)
+                raise
         writer.save(state, final=True)
-        writer.finish()
         return state
 
 

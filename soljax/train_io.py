@@ -129,16 +129,20 @@ class RunWriter:
         return tqdm(total=total, initial=initial, desc="train", unit="batch", disable=not (enabled and self.primary),
                     file=sys.stderr, dynamic_ncols=True)
 
-    def finish(self) -> None:
+    def close(self) -> None:
+        """Flushes and releases the TensorBoard writer and the checkpoint manager (idempotent)."""
         if self._tb:
             self._tb.close()
+        self._tb = None
         if self._manager is not None:
             self._manager.close()
-        if not self.primary:
-            return
-        from soljax.plots import plot_training
+        self._manager = None
 
-        plot_training(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
+    def plot(self) -> None:
+        if self.primary:
+            from soljax.plots import plot_training
+
+            plot_training(self.out_dir / "metrics.jsonl", self.out_dir / "training.png")
 
 
 def read_metrics(path: Path) -> list[dict]:

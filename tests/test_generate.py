@@ -233,7 +233,7 @@ def policy_run(tmp_path_factory, word_tokenizer_json):
     writer = RunWriter(root / "run", tcfg)
     writer.start_fresh()
     writer.save({"policy": VARIABLES, "batch": jnp.asarray(1)})
-    writer.finish()
+    writer.close()
     return root
 
 

@@ -6,6 +6,7 @@ when given, shardings), so a model saved on one device layout loads onto any oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,17 +21,23 @@ FORMAT = "soljax-lm"
 VERSION = 1
 
 
+@contextlib.contextmanager
 def _checkpointer():
+    """An orbax checkpointer whose background threads are released on exit."""
     import orbax.checkpoint as ocp
 
-    return ocp.StandardCheckpointer()
+    ckpt = ocp.StandardCheckpointer()
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
 
 
 def save_params(path: Path, params) -> None:
     """Writes a parameter pytree with orbax (overwrites)."""
-    ckpt = _checkpointer()
-    ckpt.save(Path(path).absolute(), params, force=True)
-    ckpt.wait_until_finished()
+    with _checkpointer() as ckpt:
+        ckpt.save(Path(path).absolute(), params, force=True)
+        ckpt.wait_until_finished()
 
 
 def restore_params(path: Path, target):
@@ -42,7 +49,11 @@ def restore_params(path: Path, target):
     path = Path(path).absolute()
     if not path.is_dir():
         raise SoljaxError(f"parameter checkpoint not found: {path}")
-    ckpt = _checkpointer()
+    with _checkpointer() as ckpt:
+        return _restore(ckpt, path, target)
+
+
+def _restore(ckpt, path: Path, target):
     try:
         meta = ckpt.metadata(path)
         stored = getattr(getattr(meta, "item_metadata", meta), "tree", None)
