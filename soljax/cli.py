@@ -14,6 +14,9 @@ from soljax.errors import SoljaxError
 
 from soljax.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
+GUARD_HELP = ("budget guard: the targets become hard caps (the policy may only choose actions that leave the "
+              "episode able to end at or below every target)")
+
 
 def _model_dir(arg: str | None) -> Path:
     if arg:
@@ -74,7 +77,7 @@ def cmd_generate(args) -> None:
         return _generate_controlled(args)
     for given, flag in ((args.targets, "--targets"), (args.compare_dense, "--compare-dense"),
                         (args.controller, "--controller"), (args.step is not None, "--step"),
-                        (args.sample_actions, "--sample-actions"), (args.json, "--json")):
+                        (args.sample_actions, "--sample-actions"), (args.guard, "--guard"), (args.json, "--json")):
         if given:
             raise SoljaxError(f"{flag} needs --policy RUN_DIR (a training run)")
     from soljax.generate import generate
@@ -111,7 +114,8 @@ def _generate_controlled(args) -> None:
         raise SoljaxError("--policy needs --targets TOKEN,PRUNE,QUANT (e.g. 0.5,0.7,8)")
     targets = parse_targets(args.targets)
     model, tok = load_controlled(args.policy, model_dir=args.model, dtype=args.dtype, step=args.step,
-                                 controller=args.controller or "policy", greedy=not args.sample_actions)
+                                 controller=args.controller or "policy", greedy=not args.sample_actions,
+                                 guard=args.guard)
     prompts = args.prompt or [DEMO_PROMPT]
     start = time.perf_counter()
     report = policy_generation_report(model, tok, prompts, args.max_new_tokens, targets,
@@ -212,7 +216,7 @@ def _sweep_config(args):
     from soljax.evaluate import SweepConfig, parse_targets
 
     kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
-              seed=args.seed, gamma=args.gamma)
+              seed=args.seed, gamma=args.gamma, guard=args.guard)
     if args.targets:
         kw["targets"] = parse_targets(args.targets)
     if args.methods:
@@ -253,7 +257,8 @@ def cmd_eval_downstream(args) -> None:
     tasks = tuple(t for arg in args.tasks for t in arg.split(","))
     result = run_downstream(args.run, targets, tasks=tasks, modes=tuple(args.modes), limit=args.limit,
                             num_fewshot=args.num_fewshot, batch_size=args.batch_size, out_dir=args.out,
-                            progress=not args.quiet, mmlu_per_subject=args.mmlu_per_subject, cloze=args.cloze)
+                            progress=not args.quiet, mmlu_per_subject=args.mmlu_per_subject, cloze=args.cloze,
+                            guard=args.guard)
     print(json.dumps(result) if args.json else format_downstream(result))
 
 
@@ -326,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--controller", choices=["policy", "fixed"], help="policy (default) or the run grid's "
                    "budget-matched fixed schedule")
     s.add_argument("--sample-actions", action="store_true", help="sample the policy's actions (default: greedy)")
+    s.add_argument("--guard", action="store_true", help=GUARD_HELP)
     s.add_argument("--compare-dense", action="store_true", help="also show the dense continuation and the mean "
                    "dense log-probability of both")
     s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
@@ -385,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "zeroquant:8 (default: one per lower grid level)")
     e.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal weight (default 0.35)")
     e.add_argument("--seed", type=int, default=0, help="block choice and random schedules")
+    e.add_argument("--guard", action="store_true", help=GUARD_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
     e.set_defaults(fn=cmd_eval_ppl)
@@ -404,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mmlu-per-subject", type=int, default=20, help="questions per MMLU subject (3 subjects)")
     e.add_argument("--cloze", type=int, default=60, help="cloze passages from the evaluation corpus")
     e.add_argument("--out", help="output directory (default: RUN/downstream)")
+    e.add_argument("--guard", action="store_true", help=GUARD_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(fn=cmd_eval_downstream)

@@ -15,6 +15,7 @@ import importlib
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from soljax.compress.actions import ActionGrid
 from soljax.errors import SoljaxError
@@ -100,27 +101,66 @@ class GivenActions(_GridController):
         return self.controls(actions), actions, _deterministic(B, K), state
 
 
+def action_costs(grid: ActionGrid) -> jnp.ndarray:
+    """``[A, 3]`` nominal usage (token keep, prune keep / rho_max, bits / 16) of every action."""
+    return jnp.asarray(np.stack([grid.token_cost, grid.prune_cost, grid.quant_cost], -1), jnp.float32)
+
+
+def within_budget(grid: ActionGrid, targets, usage_sum, count, remaining) -> jnp.ndarray:
+    """``[..., A]``: the actions after which the episode can still end at or below its targets.
+
+    ``targets [..., 3]``, ``usage_sum [..., 3]``, ``count [...]`` (effective steps so far) and
+    ``remaining [...]`` (effective steps left, this one included) per row. An action is allowed when,
+    on every axis, its usage plus the cheapest level for the other remaining steps stays within
+    ``target * (count + remaining)``; each axis's cheapest level is always allowed, so a row never
+    runs out of actions (and a target below the grid ends at the cheapest level).
+    """
+    costs = action_costs(grid)
+    lowest = costs.min(0)
+    R = jnp.maximum(jnp.asarray(remaining), 1).astype(jnp.float32)[..., None]
+    cap = targets * (count[..., None] + R) - usage_sum - (R - 1) * lowest  # [..., 3]
+    cap = jnp.maximum(cap, lowest) + 1e-6
+    return jnp.all(costs <= cap[..., None, :], axis=-1)
+
+
 @register_controller("policy")
 @dataclasses.dataclass(frozen=True)
 class PolicyController(_GridController):
     """The SOL policy (``ctrl_params`` = its variables): sampled from its tempered logits, or
-    greedy. State: the policy's incremental cache over the episode's steps."""
+    greedy. State: the policy's incremental cache over the episode's steps.
+
+    ``guard=True`` makes the targets hard caps: at every step the actions that would leave no way to
+    end the episode at or below the targets (:func:`within_budget`) are removed before the policy
+    chooses, so the realized usage of each axis never exceeds its target (or the axis's cheapest
+    level). The state then also carries the usage spent so far."""
 
     grid: ActionGrid
     policy: pol.PolicyConfig
     greedy: bool = False
+    guard: bool = False
 
     def init(self, ctrl_params, B, K, T):
-        return pol.init_cache(self.policy, B * K, T)
+        cache = pol.init_cache(self.policy, B * K, T)
+        if not self.guard:
+            return cache
+        return dict(cache=cache, sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32))
 
     def act(self, ctrl_params, state, obs, targets, key):
         B, K = obs.tokens.shape
         flat = lambda a: a.reshape((B * K,) + a.shape[2:])  # noqa: E731
         module = pol.SOLPolicy(self.policy, self.grid.num_actions)
-        logits, state = module.apply(ctrl_params, state, flat(obs.h_prev), flat(obs.tok_emb), flat(obs.scalars),
-                                     flat(obs.prev_action), jnp.repeat(targets, K, axis=0),
-                                     method=pol.SOLPolicy.step)
+        logits, cache = module.apply(ctrl_params, state["cache"] if self.guard else state, flat(obs.h_prev),
+                                     flat(obs.tok_emb), flat(obs.scalars), flat(obs.prev_action),
+                                     jnp.repeat(targets, K, axis=0), method=pol.SOLPolicy.step)
+        if self.guard:
+            allowed = within_budget(self.grid, targets[:, None, :], state["sum"], state["count"], obs.steps_left)
+            logits = jnp.where(flat(allowed), logits, -1e30)
         actions = pol.greedy(logits) if self.greedy else pol.sample(logits, key)
-        logp = pol.log_prob(logits, actions)
+        logp = pol.log_prob(logits, actions).reshape(B, K)
         actions = actions.reshape(B, K)
-        return self.controls(actions), actions, logp.reshape(B, K), state
+        if not self.guard:
+            return self.controls(actions), actions, logp, cache
+        eff = (obs.scalars[..., 1] > 0.5).astype(jnp.float32)
+        state = dict(state, cache=cache, sum=state["sum"] + action_costs(self.grid)[actions] * eff[..., None],
+                     count=state["count"] + eff)
+        return self.controls(actions), actions, logp, state

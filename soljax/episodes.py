@@ -38,7 +38,7 @@ from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig, SuffixCache, controlled_step, shared_prefix_from_cache
-from soljax.rollout import Observation, applied_usage, step_scalars
+from soljax.rollout import Observation, applied_usage, step_scalars, steps_left
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -70,10 +70,11 @@ class ControlledModel:
 
     @classmethod
     def from_run(cls, cfg: LMConfig, params: dict, run_dir: str | Path, *, step: int | None = None,
-                 controller: str = "policy", greedy: bool = True) -> "ControlledModel":
+                 controller: str = "policy", greedy: bool = True, guard: bool = False) -> "ControlledModel":
         """The controlled model of a training run on an already loaded LM: its policy
-        (``controller="policy"``, greedy or sampled actions) or the budget-matched fixed schedule over
-        its action grid (``controller="fixed"``), with the run's sparsity settings and horizon."""
+        (``controller="policy"``, greedy or sampled actions; ``guard``: the targets are hard caps, see
+        :class:`~soljax.controllers.PolicyController`) or the budget-matched fixed schedule over its
+        action grid (``controller="fixed"``), with the run's sparsity settings and horizon."""
         from soljax.baselines import fixed_schedule
         from soljax.controllers import GivenActions, PolicyController
         from soljax.train import action_grid, policy_config, sparsity_config
@@ -81,6 +82,8 @@ class ControlledModel:
 
         if controller not in ("policy", "fixed"):
             raise SoljaxError(f"unknown controller {controller!r} for a training run (expected policy or fixed)")
+        if guard and controller != "policy":
+            raise SoljaxError("the budget guard applies to the policy controller only")
         run_config(run_dir)
         tcfg, variables = load_policy(run_dir, step)
         grid, T, scfg = action_grid(tcfg), tcfg.rollout_len, sparsity_config(tcfg)
@@ -93,7 +96,8 @@ class ControlledModel:
         if got != want:
             raise SoljaxError(f"the policy in {run_dir} was trained on an LM of another width (input size "
                               f"{got}, this LM needs {want}): use the run's model")
-        return cls(cfg, params, scfg, PolicyController(grid=grid, policy=pcfg, greedy=greedy), variables, T)
+        policy = PolicyController(grid=grid, policy=pcfg, greedy=greedy, guard=guard)
+        return cls(cfg, params, scfg, policy, variables, T)
 
 
 def run_config(run_dir: str | Path):
@@ -112,7 +116,7 @@ def run_config(run_dir: str | Path):
 
 
 def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
-                    step: int | None = None, controller: str = "policy", greedy: bool = True):
+                    step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False):
     """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
     own model) and its policy or fixed baseline (see :meth:`ControlledModel.from_run`)."""
     from soljax.lm.checkpoint import load_model
@@ -127,7 +131,8 @@ def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None,
     if not Path(model_dir).is_dir():
         raise SoljaxError(f"model directory not found: {model_dir} (pass --model DIR)")
     cfg, params, tok = load_model(Path(model_dir), dtype=dtype or tcfg.dtype)
-    return ControlledModel.from_run(cfg, params, run_dir, step=step, controller=controller, greedy=greedy), tok
+    return ControlledModel.from_run(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
+                                   guard=guard), tok
 
 
 @jax.tree_util.register_dataclass
@@ -189,13 +194,15 @@ def start(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Arr
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p"),
                    donate_argnames=("state",))
 def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller, ctrl_params, targets_b3: jax.Array,
-                state: DecodeState, forced_bt: jax.Array, force_bt: jax.Array, *, steps: int,
+                state: DecodeState, forced_bt: jax.Array, force_bt: jax.Array, counted_b: jax.Array, *, steps: int,
                 temperature: float = 0.0, top_p: float = 1.0) -> tuple[DecodeState, EpisodeOut]:
     """One episode of ``steps`` (T) controlled decode steps, then the dense replay of its inputs.
 
     ``targets_b3``: budget targets (token, prune, quant ratio) per row; ``forced_bt``/``force_bt
     [B, T]``: where ``force_bt`` is True the next token is ``forced_bt`` instead of a sample
-    (teacher forcing). The caller keeps ``cache.lengths + T <= capacity``.
+    (teacher forcing). ``counted_b [B]``: how many of the T steps count (the rest produce nothing
+    the caller keeps, run dense and are not effective). The caller keeps ``cache.lengths + T <=
+    capacity``.
     """
     from soljax.generate import sample_token
 
@@ -211,13 +218,16 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller, c
                  ctrl=controller.init(ctrl_params, B, 1, T), key=k_run)
     if signals:
         carry["logits"] = lm.logits(cfg, params, state.h_prev)
+    ts = jnp.arange(T)[:, None]
+    effective_tb = (prefix.lengths[None] + ts + 1 > scfg.min_effective_kv) & (ts < counted_b[None])
+    left_tb = steps_left(effective_tb)
 
     def step(c, t):
         tokens = c["token"][:, None]
-        effective = (prefix.lengths + t + 1 > scfg.min_effective_kv)[:, None]
+        effective = effective_tb[t][:, None]
         obs = Observation(h_prev=c["h_prev"], tokens=tokens, tok_emb=lm.embed(params, tokens),
                           scalars=step_scalars(t, T, effective, targets, c["usage_sum"], c["eff_count"]),
-                          prev_action=c["prev_action"], t=t)
+                          prev_action=c["prev_action"], t=t, steps_left=left_tb[t][:, None])
         if signals:
             from soljax.rollout import lm_signals
 

@@ -13,7 +13,9 @@ baseline, so all methods are compared at the same realized budget (the reference
   keep x only; ``zeroquant@b``: b-bit MLP output only), run once.
 
 Everything runs on the rollout engine; each batch of blocks is prefilled once per pass and shared by
-every controller and target. Perplexity is over the T controlled tokens of each block; ``ppl_ci``
+every controller and target. The policy and the heuristics choose their actions in their own
+rollouts; then, per batch and target, one call scores every method's schedule side by side, so
+the paired comparisons share their numerics exactly. Perplexity is over the T controlled tokens of each block; ``ppl_ci``
 is a 95% interval from the spread of the per-block mean NLL; ``block_nll`` keeps those means (in
 block order, the same blocks for every method) for paired comparisons.
 """
@@ -49,7 +51,8 @@ class SweepConfig:
     diagonal through the grid), the evaluation ``data`` source, ``num_blocks`` in batches of
     ``batch_size``, ``random_trials`` per target, the ``methods`` to run, ``static`` points
     (``"quest:0.3"``, ``"teal:0.6"``, ``"zeroquant:8"``; empty = one per non-top grid level),
-    the heuristics' ``gamma``, and the ``seed`` of the random schedules and block choice."""
+    the heuristics' ``gamma``, the ``seed`` of the random schedules and block choice, and ``guard``
+    (the policy treats its targets as hard caps: see :class:`~soljax.controllers.PolicyController`)."""
 
     targets: tuple[tuple[float, float, float], ...] = ()
     data: str = "eval"
@@ -60,6 +63,7 @@ class SweepConfig:
     static: tuple[str, ...] = ()
     gamma: float = 0.35
     seed: int = 0
+    guard: bool = False
 
     def __post_init__(self):
         for name in ("num_blocks", "batch_size", "random_trials"):
@@ -74,6 +78,8 @@ class SweepConfig:
                 raise SoljaxError(f"a target is three fractions in (0, 1] (token, prune, quant ratio), got {t!r}")
         for s in self.static:
             parse_static(s)
+        if not isinstance(self.guard, bool):
+            raise SoljaxError(f"guard must be true or false, got {self.guard!r}")
         if not 0 <= self.gamma <= 1:
             raise SoljaxError(f"gamma must lie in [0, 1], got {self.gamma!r}")
 
@@ -193,7 +199,8 @@ class Sweep:
         self.sc = scfg
         self.grid = action_grid(train_cfg)
         self.sparsity = sparsity_config(train_cfg)
-        self.policy = PolicyController(grid=self.grid, policy=policy_config(train_cfg), greedy=True)
+        self.policy = PolicyController(grid=self.grid, policy=policy_config(train_cfg), greedy=True,
+                                       guard=scfg.guard)
         self.targets = scfg.targets or default_targets(self.grid)
         self.static = scfg.static if scfg.static else default_static(self.grid)
         self.M, self.T = train_cfg.context_len, train_cfg.rollout_len
@@ -226,26 +233,28 @@ class Sweep:
         nb = math.ceil(N / min(self.sc.batch_size, N))
         P = len(self.targets)
         baselines = methods & {"fixed", "random", "emc", "dac"}
-        total = nb * P * (("policy" in methods) + bool(baselines)) + nb * bool(methods & {"dense", "static"})
+        scored = "policy" in methods or bool(baselines)
+        total = nb * P * (("policy" in methods) + scored) + nb * bool(methods & {"dense", "static"})
         bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         res, passage = _Results(), {}
         pol_targets = [np.asarray(t, np.float64) for t in self.targets]
-        for bi, chunk, pre in self._batches(blocks) if "policy" in methods else ():  # pass 1: the policy
+        pol_actions, pol_usage = {}, {p: [] for p in range(P)}
+        for bi, chunk, pre in self._batches(blocks) if "policy" in methods else ():  # pass 1: the policy acts
             B = chunk.shape[0]
             for p, tgt in enumerate(pol_targets):
-                nll, usage, actions = self._run(chunk, pre, self.policy, self.policy_vars,
-                                                np.broadcast_to(tgt, (B, 3)), 1)
-                res.add(f"policy/{p}", nll[:, 0], usage[:, 0])
+                _, usage, actions = self._run(chunk, pre, self.policy, self.policy_vars,
+                                              np.broadcast_to(tgt, (B, 3)), 1)
+                pol_actions[bi, p] = actions
+                pol_usage[p].append(usage[:, 0])
                 if bi == 0:
                     passage[p] = actions[:, 0]
                 bar.update(1)
         # baselines spend what the policy spent (or the targets themselves without a policy)
-        matched = {p: res.get(f"policy/{p}", N)[1].mean(0) if "policy" in methods else pol_targets[p]
+        matched = {p: np.concatenate(pol_usage[p])[:N].mean(0) if "policy" in methods else pol_targets[p]
                    for p in range(P)}
         names, static = static_controls(self.static, self.grid.rho_max)
         R = self.sc.random_trials
-        eval_fixed = bool(methods & {"fixed", "random"})
-        for bi, chunk, pre in self._batches(blocks):  # pass 2: the baselines
+        for bi, chunk, pre in self._batches(blocks):  # pass 2: baselines act, then every method is scored
             B = chunk.shape[0]
             if methods & {"dense", "static"}:
                 ctrl = Controls(*(jnp.broadcast_to(jnp.asarray(static[:, j], dt)[None, :, None], (B, len(names), T))
@@ -255,28 +264,35 @@ class Sweep:
                 for k, name in enumerate(names):
                     res.add(name, nll[:, k], usage[:, k])
                 bar.update(1)
-            if not baselines:
+            if not scored:
                 continue
             for p in range(P):
                 tgt = np.broadcast_to(matched[p], (B, 3))
-                if eval_fixed:
+                rows, row_names = [], []
+                if "policy" in methods:
+                    rows.append(pol_actions[bi, p])
+                    row_names.append(f"policy/{p}")
+                if methods & {"fixed", "random"}:
                     rng = np.random.default_rng([self.sc.seed, p, bi])
                     phase = block_phases(bi * B + np.arange(B))  # matches the average over all blocks
-                    acts = [fixed_schedule(self.grid, tgt, T, 1, phase)]
+                    rows.append(fixed_schedule(self.grid, tgt, T, 1, phase))
+                    row_names.append(f"fixed/{p}")
                     if "random" in methods:
-                        acts.append(random_schedule(self.grid, tgt, T, R, rng, phase))
-                    acts = np.concatenate(acts, axis=1)
-                    nll, usage, _ = self._run(chunk, pre, GivenActions(self.grid), jnp.asarray(acts), tgt,
-                                              acts.shape[1])
-                    res.add(f"fixed/{p}", nll[:, 0], usage[:, 0])
-                    for k in range(1, acts.shape[1]):
-                        res.add(f"random/{p}/{k - 1}", nll[:, k], usage[:, k])
+                        rows.append(random_schedule(self.grid, tgt, T, R, rng, phase))
+                        row_names += [f"random/{p}/{k}" for k in range(R)]
                 for name, ctrl in (("emc", EntropyMarginController(grid=self.grid, gamma=self.sc.gamma)),
                                    ("dac", DriftController(grid=self.grid, gamma=self.sc.gamma,
                                                            hidden_size=self.lm_cfg.hidden_size))):
                     if name in methods:
-                        nll, usage, _ = self._run(chunk, pre, ctrl, (), tgt, 1)
-                        res.add(f"{name}/{p}", nll[:, 0], usage[:, 0])
+                        rows.append(self._run(chunk, pre, ctrl, (), tgt, 1)[2])
+                        row_names.append(f"{name}/{p}")
+                # one compiled program scores every method's schedule: pruning and low-bit quantization
+                # amplify the last-bit differences between programs of other shapes into visible
+                # per-block noise, which must not enter the paired comparisons
+                acts = np.concatenate(rows, axis=1)
+                nll, usage, _ = self._run(chunk, pre, GivenActions(self.grid), jnp.asarray(acts), tgt, acts.shape[1])
+                for k, name in enumerate(row_names):
+                    res.add(name, nll[:, k], usage[:, k])
                 bar.update(1)
         bar.close()
         return self._collect(res, N, matched, passage, names, blocks)

@@ -208,10 +208,11 @@ def _check_sequences(seqs, what: str) -> None:
 
 
 def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.ndarray | None, *,
-         temperature: float, top_p: float, seed: int, pad_to: int,
+         temperature: float, top_p: float, seed: int, pad_to: int, counted_b: np.ndarray | None = None,
          finished: Callable[[dict], bool] | None = None) -> dict[str, np.ndarray]:
     """Episodes until ``n_steps`` steps are done or ``finished(outputs so far)`` -> EpisodeOut fields
-    as numpy ``[B, steps done]``."""
+    as numpy ``[B, steps done]``. ``counted_b``: the steps each row keeps (default ``n_steps``); later
+    steps are not effective, so budgets are spent on the kept ones only."""
     cfg, T = model.cfg, model.episode_len
     B = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -233,13 +234,14 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
         forced[:, : forced_bn.shape[1]] = forced_bn
         force[:] = True
     state = start(cfg, model.params, jnp.asarray(tokens), jnp.asarray(lengths), capacity, jax.random.PRNGKey(seed))
+    counted = np.full(B, n_steps) if counted_b is None else np.asarray(counted_b)
     chunks: list[EpisodeOut] = []
     for e in range(n_ep):
         win = slice(e * T, (e + 1) * T)
         state, out = run_episode(cfg, model.scfg, model.params, model.controller, ctrl_params,
                                  jnp.asarray(targets_b3), state, jnp.asarray(forced[:, win]),
-                                 jnp.asarray(force[:, win]), steps=T, temperature=float(temperature),
-                                 top_p=float(top_p))
+                                 jnp.asarray(force[:, win]), jnp.asarray(np.clip(counted - e * T, 0, T), jnp.int32),
+                                 steps=T, temperature=float(temperature), top_p=float(top_p))
         chunks.append(jax.tree.map(np.asarray, out))
         done = {k: np.concatenate([getattr(c, k) for c in chunks], axis=1) for k in EpisodeOut._fields}
         if finished is not None and finished(done):
@@ -324,7 +326,8 @@ def score_continuations(model: ControlledModel, contexts: list[list[int]], conti
     forced = np.zeros((len(contexts), n), np.int32)
     for i, c in enumerate(continuations):
         forced[i, : len(c)] = c
-    out = _run(model, contexts, targets, n, forced, temperature=0.0, top_p=1.0, seed=seed, pad_to=pad_to)
+    out = _run(model, contexts, targets, n, forced, temperature=0.0, top_p=1.0, seed=seed, pad_to=pad_to,
+               counted_b=np.array([len(c) for c in continuations]))
     return [ContinuationScore(logprobs=out["logprobs"][b, :len(c)], greedy=out["greedy"][b, :len(c)],
                               usage=out["usage"][b, :len(c)], effective=out["effective"][b, :len(c)],
                               actions=out["actions"][b, :len(c)]) for b, c in enumerate(continuations)]

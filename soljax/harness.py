@@ -45,8 +45,9 @@ def _lm_eval():
     return LM
 
 
-def controlled_model(cfg, params, run_dir: str | Path, mode: str):
-    """The :class:`~soljax.episodes.ControlledModel` of ``mode`` for a training run."""
+def controlled_model(cfg, params, run_dir: str | Path, mode: str, guard: bool = False):
+    """The :class:`~soljax.episodes.ControlledModel` of ``mode`` for a training run (``guard``: the
+    policy's targets are hard caps)."""
     import jax.numpy as jnp
 
     from soljax.controllers import GivenControls
@@ -57,7 +58,7 @@ def controlled_model(cfg, params, run_dir: str | Path, mode: str):
     if mode not in MODES:
         raise SoljaxError(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})")
     if mode != "dense":
-        return ControlledModel.from_run(cfg, params, run_dir, controller=mode)
+        return ControlledModel.from_run(cfg, params, run_dir, controller=mode, guard=guard and mode == "policy")
     tcfg = run_config(run_dir)
     T = tcfg.rollout_len
 
@@ -259,9 +260,10 @@ def _accuracy(task_result: dict) -> float:
 def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("soljax_mmlu", "soljax_cloze"),
                    modes: tuple[str, ...] = MODES, limit: int | None = None, num_fewshot: int = 0,
                    batch_size: int = 8, out_dir: str | Path | None = None, progress: bool = True,
-                   mmlu_per_subject: int = 20, cloze: int = 60, lm: tuple | None = None) -> dict:
+                   mmlu_per_subject: int = 20, cloze: int = 60, lm: tuple | None = None, guard: bool = False) -> dict:
     """Accuracy of each mode on each task at each target; the fixed baseline is matched to the
-    policy's realized usage at the same target. Writes ``downstream.json``."""
+    policy's realized usage at the same target; ``guard`` makes the targets hard caps for the policy.
+    Writes ``downstream.json``."""
     import os
 
     from soljax.episodes import run_config
@@ -290,7 +292,7 @@ def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("s
     rows = []
 
     def evaluate(mode: str, tgt) -> dict:
-        model = controlled_model(cfg, params, run_dir, mode)
+        model = controlled_model(cfg, params, run_dir, mode, guard)
         sol = make_sol_lm(model, tok, tgt, batch_size=batch_size, max_length=max_len, progress=progress)
         res = evaluator.simple_evaluate(model=sol, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                         task_manager=manager, bootstrap_iters=0, log_samples=False,
@@ -314,7 +316,7 @@ def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("s
         if "fixed" in modes:
             evaluate("fixed", matched)
     result = {"run_dir": str(run_dir), "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
-              "rows": rows}
+              "guard": guard, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "downstream.json").write_text(json.dumps(result, indent=1, default=float))
     return result

@@ -2,7 +2,7 @@
 
 Both pick, per axis and per step, between the two grid levels that bracket the usage the sequence
 still needs, ``c_req = (target * (n + R) - S) / R`` (``n`` effective steps so far with usage sum
-``S``, ``R`` steps left including this one): the upper level iff
+``S``, ``R`` effective steps left including this one): the upper level iff
 
     p_hi + gamma * (u - 0.5) >= 0.5,        p_hi = (c_req - lo) / (hi - lo),
 
@@ -72,8 +72,7 @@ class _Heuristic(_GridController):
     needs_lm_signals = True
 
     def init(self, ctrl_params, B, K, T):
-        return dict(sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32),
-                    T=jnp.full((), T, jnp.int32))
+        return dict(sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32))
 
     def signal(self, obs, state) -> "jnp.ndarray":  # [B, K] difficulty in [0, 1]
         raise NotImplementedError
@@ -81,7 +80,7 @@ class _Heuristic(_GridController):
     def act(self, ctrl_params, state, obs, targets, key):
         B, K = obs.tokens.shape
         u = jnp.clip(self.signal(obs, state), 0.0, 1.0)
-        remaining = state["T"] - obs.t
+        remaining = obs.steps_left
         effective = obs.scalars[..., 1] > 0.5
         levels = axis_levels(self.grid)
         idx, used = [], []

@@ -78,6 +78,8 @@ def markdown(result: dict) -> str:
     out.append("Perplexity is over the controlled tokens; baselines are matched to the policy's realized "
                "average usage at each target; brackets are 95% intervals over blocks; the last columns are "
                "the paired per-block difference in nats per token (negative: the policy is better).")
+    if cfg.get("guard"):
+        out.append("The policy ran with the budget guard: each target was a hard cap on its episode's usage.")
     out += ["", "![perplexity vs net keep](pareto.png)", ""]
     if rows:
         head = ["target tok/pru/q", "net keep", "policy ppl"] + [f"{m} ppl" for m in methods] + [

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from soljax.grpo import kl_categorical
 from soljax.lm import model as lm
@@ -31,7 +32,9 @@ class Observation(NamedTuple):
     ``tokens``/``tok_emb``: the token about to be processed and its LM input embedding;
     ``scalars [B, K, 8]``: ``(t+1)/T, effective, C_tok, C_pru, C_q, dev_tok, dev_pru, dev_q`` with
     ``dev`` the running mean usage over earlier effective steps minus the target (0 before any);
-    ``prev_action``: the previous action id (the controller's BOS id at t=0); ``t``: step index.
+    ``prev_action``: the previous action id (the controller's BOS id at t=0); ``t``: step index;
+    ``steps_left``: the effective steps from this one to the end of the episode, this one included
+    (what a controller can still spend its budget on).
     Only for controllers with ``needs_lm_signals = True`` (else None): ``lm_entropy`` and
     ``lm_margin [B, K]``, the normalized entropy ``H(p) / log V`` and top-1 minus top-2
     probability of the LM distribution that predicted the current token (the previous step's, or
@@ -44,6 +47,7 @@ class Observation(NamedTuple):
     scalars: jax.Array
     prev_action: jax.Array
     t: jax.Array
+    steps_left: jax.Array
     lm_entropy: jax.Array | None = None
     lm_margin: jax.Array | None = None
     prev_tok_emb: jax.Array | None = None
@@ -75,6 +79,12 @@ class Trajectory(NamedTuple):
     tokens: jax.Array
     h_last: jax.Array
     kept_keys: jax.Array | None = None
+
+
+def steps_left(effective_tb: np.ndarray | jax.Array) -> jax.Array:
+    """Per step, the effective steps from it to the end: reverse cumulative sum over axis 0."""
+    eff = jnp.asarray(effective_tb, jnp.int32)
+    return jnp.flip(jnp.cumsum(jnp.flip(eff, 0), 0), 0)
 
 
 def step_scalars(t, T: int, effective, targets, usage_sum, eff_count):
@@ -175,12 +185,14 @@ def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array
         carry["signals"] = (jnp.broadcast_to(ent[:, None], (B, K)), jnp.broadcast_to(margin[:, None], (B, K)))
     dense_row = Controls(kappa=jnp.ones((B, 1)), rho=jnp.ones((B, 1)), bits=jnp.full((B, 1), 16, jnp.int32))
 
+    left = steps_left(M + np.arange(T) + 1 > scfg.min_effective_kv)  # [T]
+
     def step(c, t):
         tokens = jnp.broadcast_to(blocks[:, M + t][:, None], (B, K))
         effective = jnp.broadcast_to(M + t + 1 > scfg.min_effective_kv, (B, K))
         obs = Observation(h_prev=c["h_prev"], tokens=tokens, tok_emb=lm.embed(params, tokens),
                           scalars=step_scalars(t, T, effective, targets, c["usage_sum"], c["eff_count"]),
-                          prev_action=c["prev_action"], t=t)
+                          prev_action=c["prev_action"], t=t, steps_left=jnp.broadcast_to(left[t], (B, K)))
         if signals:
             prev_tokens = jnp.broadcast_to(blocks[:, M + t - 1][:, None], (B, K))
             obs = obs._replace(lm_entropy=c["signals"][0], lm_margin=c["signals"][1],

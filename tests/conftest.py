@@ -44,6 +44,20 @@ def require_torch():
     return torch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps memory
+    mappings, and the whole suite compiles enough programs to pass the kernel's per-process limit
+    (``vm.max_map_count``, 65530 by default), where the next compilation crashes."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 # ----------------------------------------------------------------------------- tiny HF models
 
 

@@ -1,5 +1,6 @@
 """Evaluation: EMC/DAC keep targets reachable, the perplexity sweep's baselines and report."""
 
+import dataclasses
 import json
 import math
 
@@ -10,14 +11,17 @@ import pytest
 
 from soljax.baselines import axis_levels
 from soljax.cli import main
+from soljax.compress.actions import ActionGrid
 from soljax.config import TrainConfig
+from soljax.controllers import PolicyController, within_budget
 from soljax.errors import SoljaxError
 from soljax.evaluate import Sweep, SweepConfig, default_static, default_targets, pareto_front, parse_targets
 from soljax.heuristics import DriftController, EntropyMarginController, guarded_choice
 from soljax.lm import LMConfig, init_params
 from soljax.lm import model as lm
 from soljax.policy import init_policy
-from soljax.rollout import rollout
+from soljax.report import load_sweep, markdown
+from soljax.rollout import episode_usage, rollout
 from soljax.train import action_grid, policy_config, sparsity_config
 
 LM_CFG = LMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -63,6 +67,50 @@ def test_heuristics_keep_the_target_reachable_and_end_within_one_grid_step(name)
     gap = np.abs(usage.mean(1) - targets)
     assert (gap <= STEP / T + 1e-5).all()
     assert len(np.unique(np.asarray(traj.actions))) > 3  # it does allocate
+
+
+def test_within_budget_keeps_the_cheapest_finish_possible():
+    grid = ActionGrid(keep_fracs=[0.1, 0.5, 1.0])
+    # target 0.3 over 4 steps with nothing spent: 0.3 * 4 - 3 * 0.1 = 0.9 is left for this step
+    ok = within_budget(grid, jnp.array([0.3, 1.0, 1.0]), jnp.zeros(3), jnp.zeros(()), 4)
+    assert np.asarray(ok).tolist() == [True, True, False]
+    # overspent already: only the cheapest level remains
+    ok = within_budget(grid, jnp.array([0.3, 1.0, 1.0]), jnp.array([2.0, 2.0, 2.0]), jnp.full((), 2.0), 2)
+    assert np.asarray(ok).tolist() == [True, False, False]
+
+
+def _dense_loving_policy():
+    """A policy that prefers the dense action by a wide margin (so it overspends any target)."""
+    pol = init_policy(policy_config(CFG), GRID.num_actions, 32, 32, jax.random.PRNGKey(1))
+    bias = pol["params"]["pi_head"]["bias"]
+    pol["params"]["pi_head"]["bias"] = bias.at[GRID.dense_idx].add(20.0)
+    return pol
+
+
+def test_guarded_policy_never_exceeds_its_targets_and_is_unchanged_without_a_cap():
+    B = len(BLOCKS)
+    pol = _dense_loving_policy()
+    targets = np.random.default_rng(2).uniform([0.1, 0.6, 5 / 16], [0.9, 0.95, 0.9], (B, 3)).astype(np.float32)
+    lowest = np.array([lv.min() for lv in axis_levels(GRID)])
+
+    def run(guard, tgt, greedy=True):
+        ctrl = PolicyController(grid=GRID, policy=policy_config(CFG), greedy=greedy, guard=guard)
+        traj = rollout(LM_CFG, sparsity_config(CFG), LM[1], jnp.asarray(BLOCKS), jnp.asarray(tgt), ctrl, pol,
+                       jax.random.PRNGKey(3), context_len=M, schedules=2)
+        return traj, np.asarray(episode_usage(traj.usage, traj.effective))  # [B, K, 3]
+
+    _, free = run(False, targets)
+    assert (free > targets[:, None] + 0.05).any()  # unguarded, it overspends
+    for greedy in (True, False):
+        traj, capped = run(True, targets, greedy)
+        assert (capped <= np.maximum(targets, lowest)[:, None] + 1e-5).all()
+        assert np.isfinite(np.asarray(traj.logp_actions)).all()
+    # the guard only removes actions: with nothing to cap, the policy acts as before
+    ones = np.ones((B, 3), np.float32)
+    a, _ = run(False, ones)
+    b, _ = run(True, ones)
+    np.testing.assert_array_equal(np.asarray(a.actions), np.asarray(b.actions))
+    np.testing.assert_allclose(np.asarray(a.logp_actions), np.asarray(b.logp_actions), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +181,18 @@ def test_baselines_without_a_policy_are_matched_to_the_targets():
     (pt,) = Sweep(LM, CFG, {}, sc).run(BLOCKS[:4], progress=False)["points"]
     assert pt["method"] == "fixed" and pt["target"] == pytest.approx({"token": 0.5, "prune": 0.8, "quant": 0.5})
     assert abs(pt["usage"]["token"] - 0.5) <= STEP[0] / T + 1e-6
+
+
+def test_guarded_sweep_caps_the_policy_and_says_so(tmp_path):
+    sc = SweepConfig(num_blocks=4, batch_size=4, methods=("policy", "fixed"), targets=((0.3, 0.7, 0.4),), guard=True)
+    result = Sweep(LM, CFG, _dense_loving_policy(), sc).run(BLOCKS[:4], progress=False)
+    pol, fixed = result["points"]
+    assert all(pol["usage"][a] <= t + 1e-5 for a, t in zip(("token", "prune", "quant"), (0.3, 0.7, 0.4)))
+    assert fixed["target"] == pytest.approx(pol["usage"])
+    (tmp_path / "sweep.json").write_text(json.dumps(result))
+    assert "hard cap" in markdown(load_sweep(tmp_path))
+    # at the grid's floor every action is the cheapest: the policy's schedule is the fixed one, and
+    # both are scored in the same call, so their NLLs agree to the bit
+    sc = dataclasses.replace(sc, targets=((0.1, 0.6, 5 / 16),))
+    pol, fixed = Sweep(LM, CFG, _dense_loving_policy(), sc).run(BLOCKS[:4], progress=False)["points"]
+    assert pol["block_nll"] == fixed["block_nll"]

@@ -153,7 +153,8 @@ def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
     seqs = [p[:-1] for p in PROMPTS5]  # what the dense cache should hold
     for _ in range(2):  # two episodes of aggressive compression, each followed by its dense replay
         state, out = run_episode(CFG, SCFG, PARAMS, GivenControls(), _controls(0.1, 0.6, 5),
-                                 jnp.ones((B, 3), jnp.float32), state, no, no > 0, steps=T, temperature=0.0, top_p=1.0)
+                                 jnp.ones((B, 3), jnp.float32), state, no, no > 0, jnp.full((B,), T), steps=T,
+                                 temperature=0.0, top_p=1.0)
         assert (np.asarray(out.usage)[np.asarray(out.effective)] < 1).all()
         inputs, nxt = np.asarray(out.inputs), np.asarray(out.next_tokens)
         assert inputs[:, 1:].tolist() == nxt[:, :-1].tolist()
@@ -260,6 +261,18 @@ def test_cli_generate_with_policy_reports_budgets_and_the_dense_comparison(polic
     assert sample["dense"]["mean_dense_logprob"] == pytest.approx(float(ref))
 
 
+def test_cli_generate_with_the_budget_guard_stays_within_the_targets(policy_run, capsys):
+    argv = ["generate", "--policy", str(policy_run / "run"), "--prompt", "w5 w9 w3 w1 w2 w8 w8 w4 w11",
+            "--max-new-tokens", "12", "--json", "--guard"]
+    for targets in ((0.3, 0.6, 0.3125), (0.6, 0.8, 0.5)):
+        assert cli.main(argv + ["--targets", ",".join(map(str, targets))]) == 0
+        budget = json.loads(capsys.readouterr().out)["budget"]
+        assert budget["effective_steps"] > 0
+        assert all(budget[a] <= t + 1e-5 for a, t in zip(("token", "prune", "quant"), targets)), budget
+    assert cli.main(argv + ["--targets", "0.5,0.6,8", "--controller", "fixed"]) == 2
+    assert "guard applies to the policy" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--targets", "0.5,0.6"], "three comma-separated"),
     (["--targets", "0.5,abc,8"], "must be numbers"),
@@ -279,3 +292,5 @@ def test_cli_generate_policy_flags_need_a_run(policy_run, tmp_path, capsys):
     assert "not a soljax training run" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(policy_run / "model"), "--targets", "0.5,0.5,0.5"]) == 2
     assert "--targets needs --policy" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(policy_run / "model"), "--guard"]) == 2
+    assert "--guard needs --policy" in capsys.readouterr().err

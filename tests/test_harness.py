@@ -111,7 +111,7 @@ def test_offline_task_data(offline_data):
 
 def test_downstream_runs_policy_fixed_and_dense(offline_data, run_dir, tmp_path):
     res = run_downstream(run_dir, [(0.5, 0.8, 0.5)], limit=3, mmlu_per_subject=1, cloze=3, batch_size=4,
-                         out_dir=tmp_path, progress=False, lm=LM)
+                         out_dir=tmp_path, progress=False, lm=LM, guard=True)
     assert [r["mode"] for r in res["rows"]] == ["dense", "policy", "fixed"]
     for r in res["rows"]:
         assert set(r["accuracy"]) == {"soljax_mmlu", "soljax_cloze"}
@@ -120,4 +120,6 @@ def test_downstream_runs_policy_fixed_and_dense(offline_data, run_dir, tmp_path)
     dense, pol, fixed = res["rows"]
     assert dense["net_keep"] == 1.0 and pol["net_keep"] < 1.0
     assert fixed["target"] == pytest.approx({a: pol["usage"][a] for a in ("token", "prune", "quant")})
+    assert res["guard"]
+    assert all(pol["usage"][a] <= t + 1e-5 for a, t in zip(("token", "prune", "quant"), (0.5, 0.8, 0.5)))
     assert (tmp_path / "downstream.json").is_file()
