@@ -106,6 +106,17 @@ def action_costs(grid: ActionGrid) -> jnp.ndarray:
     return jnp.asarray(np.stack([grid.token_cost, grid.prune_cost, grid.quant_cost], -1), jnp.float32)
 
 
+def budget_state(B: int, K: int) -> dict:
+    """Usage spent so far per row: ``sum [B, K, 3]`` over the effective steps, and their ``count``."""
+    return dict(sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32))
+
+
+def spend(grid: ActionGrid, state: dict, actions, obs) -> dict:
+    """``state`` (see :func:`budget_state`) after this step's ``actions [B, K]`` (effective steps count)."""
+    eff = (obs.scalars[..., 1] > 0.5).astype(jnp.float32)
+    return dict(state, sum=state["sum"] + action_costs(grid)[actions] * eff[..., None], count=state["count"] + eff)
+
+
 def within_budget(grid: ActionGrid, targets, usage_sum, count, remaining) -> jnp.ndarray:
     """``[..., A]``: the actions after which the episode can still end at or below its targets.
 
@@ -143,7 +154,7 @@ class PolicyController(_GridController):
         cache = pol.init_cache(self.policy, B * K, T)
         if not self.guard:
             return cache
-        return dict(cache=cache, sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32))
+        return dict(budget_state(B, K), cache=cache)
 
     def act(self, ctrl_params, state, obs, targets, key):
         B, K = obs.tokens.shape
@@ -160,7 +171,4 @@ class PolicyController(_GridController):
         actions = actions.reshape(B, K)
         if not self.guard:
             return self.controls(actions), actions, logp, cache
-        eff = (obs.scalars[..., 1] > 0.5).astype(jnp.float32)
-        state = dict(state, cache=cache, sum=state["sum"] + action_costs(self.grid)[actions] * eff[..., None],
-                     count=state["count"] + eff)
-        return self.controls(actions), actions, logp, state
+        return self.controls(actions), actions, logp, spend(self.grid, dict(state, cache=cache), actions, obs)

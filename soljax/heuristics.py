@@ -27,7 +27,7 @@ import numpy as np
 
 from soljax.baselines import axis_levels
 from soljax.compress.actions import ActionGrid
-from soljax.controllers import _GridController, register_controller
+from soljax.controllers import _GridController, budget_state, register_controller, spend
 
 _EPS = 1e-6
 
@@ -72,7 +72,7 @@ class _Heuristic(_GridController):
     needs_lm_signals = True
 
     def init(self, ctrl_params, B, K, T):
-        return dict(sum=jnp.zeros((B, K, 3), jnp.float32), count=jnp.zeros((B, K), jnp.float32))
+        return budget_state(B, K)
 
     def signal(self, obs, state) -> "jnp.ndarray":  # [B, K] difficulty in [0, 1]
         raise NotImplementedError
@@ -80,19 +80,12 @@ class _Heuristic(_GridController):
     def act(self, ctrl_params, state, obs, targets, key):
         B, K = obs.tokens.shape
         u = jnp.clip(self.signal(obs, state), 0.0, 1.0)
-        remaining = obs.steps_left
-        effective = obs.scalars[..., 1] > 0.5
         levels = axis_levels(self.grid)
-        idx, used = [], []
-        for axis, lv in enumerate(levels):
-            i = guarded_choice(lv, targets[:, None, axis], state["sum"][..., axis], state["count"], remaining, u,
-                               self.gamma)
-            idx.append(i)
-            used.append(jnp.asarray(lv, jnp.float32)[i])
+        idx = [guarded_choice(lv, targets[:, None, axis], state["sum"][..., axis], state["count"], obs.steps_left, u,
+                              self.gamma) for axis, lv in enumerate(levels)]
         P, Q = len(levels[1]), len(levels[2])
         actions = (idx[0] * (P * Q) + idx[1] * Q + idx[2]).astype(jnp.int32)
-        eff = effective.astype(jnp.float32)
-        state = dict(state, sum=state["sum"] + jnp.stack(used, -1) * eff[..., None], count=state["count"] + eff)
+        state = spend(self.grid, state, actions, obs)
         if "h" in state:
             state["h"] = obs.h_prev
         return self.controls(actions), actions, jnp.zeros((B, K), jnp.float32), state
