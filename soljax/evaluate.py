@@ -15,9 +15,10 @@ baseline, so all methods are compared at the same realized budget (the reference
 Everything runs on the rollout engine; each batch of blocks is prefilled once per pass and shared by
 every controller and target. The policy and the heuristics choose their actions in their own
 rollouts; then, per batch and target, one call scores every method's schedule side by side, so
-the paired comparisons share their numerics exactly. Perplexity is over the T controlled tokens of each block; ``ppl_ci``
-is a 95% interval from the spread of the per-block mean NLL; ``block_nll`` keeps those means (in
-block order, the same blocks for every method) for paired comparisons.
+the paired comparisons share their numerics exactly. Perplexity is over the T controlled tokens
+of each block; ``ppl_ci`` is a 95% interval from the spread of the per-block mean NLL;
+``block_nll`` keeps those means (in block order, the same blocks for every method) for paired
+comparisons.
 """
 
 from __future__ import annotations
