@@ -1,19 +1,18 @@
 """soljax.compress against the reference implementation's single-op fixtures.
 
-``shared/golden/reference_unit_fixtures.npz`` holds, for layers 0, 15 and 29 of two text blocks at
+``tests/fixtures/golden/reference_unit_fixtures.npz`` holds, for layers 0, 15 and 29 of two text blocks at
 the first decode step (kv_len 257, page size 8): QUEST inputs with token budgets and keep masks for
 seven kappas, MLP inputs/outputs with the pruned inputs for five rhos (and a per-row mixed case),
 fake-quant of the MLP output for five bit widths (and mixed), and the whole patched MLP
 (rho 0.6, 5 bits). Everything but the whole MLP is compared exactly (bit for bit); fake-quant may
 differ only on an element that sits exactly on a rounding boundary. The fixture has no MLP
-weights: the whole-MLP check takes them from the embedded model (skipped when it is not fetched)
+weights: the whole-MLP check takes them from the embedded model
 and compares integer quantization codes, since the matmuls' fp32 summation order differs.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +24,8 @@ from soljax.compress import (
     quest_token_budget,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "reference_unit_fixtures.npz"
+from golden import UNIT as FIX
 
-if not GOLDEN.is_file():
-    pytest.skip(f"golden fixtures not found at {GOLDEN}", allow_module_level=True)
-
-FIX = np.load(GOLDEN, allow_pickle=False)
 META = json.loads(str(FIX["meta_json"]))
 LAYERS = META["layers"]
 KAPPAS = META["kappas"]
@@ -145,8 +140,8 @@ def mlp_weights(embedded_model):
     from soljax.lm import layers
 
     cfg, params, _ = embedded_model
-    if cfg.hidden_size != FIX[f"mlp_L{LAYERS[0]}_x"].shape[-1] or cfg.num_layers <= max(LAYERS):
-        pytest.skip("the embedded model is not the fixture's model")
+    assert cfg.hidden_size == FIX[f"mlp_L{LAYERS[0]}_x"].shape[-1] and cfg.num_layers > max(LAYERS), \
+        "the embedded model is not the fixture's model"
     fn = jax.jit(layers.mlp)
     return lambda layer, x: np.asarray(fn(jax.tree.map(lambda a: a[layer], params["layers"]),
                                           jnp.asarray(x)))

@@ -1,52 +1,49 @@
-"""Parity with the reference implementation's rollouts on the embedded model (shared/golden).
+"""Agreement with the reference implementation's rollouts on the embedded model.
 
-Quantized schedules are chaotic under fp32 noise (the reference itself moves by up to 0.3 nats in
-a block's mean log-prob when only its batch composition changes), so d, e and f are matched
-statistically, as the golden README prescribes; a, b and c are matched per step.
+The golden numbers live in ``tests/fixtures/golden`` (see its README). Schedules a (dense), b (QUEST
+keep 0.3) and c (pruning 0.6) are matched step by step. Quantized schedules (d, e, f) are chaotic:
+a last-bit difference (summation order, batch composition, the CPU's vector width) flips single
+5-6-bit rounding decisions and the flip cascades through later layers and steps, so one block's
+log-probs are not reproducible across machines or program shapes, not even inside the reference
+(up to 3.2 nats on one step when only its batching changes). They are matched on the statistics that
+are stable: means over the reference's 8 blocks x 16 steps.
+
+How the bounds were derived (``scripts/golden_spread.py``): the 8 golden blocks were scored under 8
+program shapes (one 8-row batch, permuted and reversed rows, batches of 1, 2 and 4 rows, one schedule
+per batch, the quantized schedules alone) and 3 CPU code generations (native AVX2,
+``XLA_FLAGS=--xla_cpu_max_isa=AVX`` and ``=SSE4_2``): 24 values per statistic. The standard deviation
+over those 24 was sigma = 0.0071 / 0.0227 / 0.0363 nats for d / e / f (largest: 0.036), 0.0137 for
+the mean over d, e and f together, 0.004 for c, and below 1e-5 for a and b. The reference's value is
+one draw of the same chaotic statistic, so ``ours - reference`` has a standard deviation of
+sqrt(2) sigma; every bound is 4 sqrt(2) sigma of its statistic, rounded up.
 """
-
-import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from golden import HIDDEN, M, NAMES, QUANTIZED, REF, SCFG, schedules
+
 from soljax.compress.attention import quest_page_budget, quest_token_budget
-from soljax.lm.controlled import SparsityConfig
 from soljax.rollout import run_schedules
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-if not (GOLDEN / "reference_rollouts.json").is_file():
-    pytest.skip(f"golden rollouts not found in {GOLDEN}", allow_module_level=True)
-
-REF = json.loads((GOLDEN / "reference_rollouts.json").read_text())
-HIDDEN = np.load(GOLDEN / "reference_rollouts_hidden.npz")
-NAMES = list(REF["action_schedules"])
-M = REF["settings"]["M_context"]
-SCFG = SparsityConfig(criterion="quest", page_size=REF["settings"]["quest_page_size"],
-                      sink_tokens=REF["settings"]["Ts"], window_tokens=REF["settings"]["Tw"])
-
-
-def _schedules():
-    s = REF["action_schedules"]
-    return (jnp.array([s[n]["kappa"] for n in NAMES], jnp.float32),
-            jnp.array([s[n]["rho"] for n in NAMES], jnp.float32),
-            jnp.array([s[n]["bits"] for n in NAMES], jnp.int32))
+AGG = REF["aggregate_8blocks"]["schedules"]
+BOUND_POOLED = 0.08  # 4 sqrt(2) x 0.0137: the mean over d, e, f, 8 blocks and 16 steps
+BOUND_QUANTIZED = 0.21  # 4 sqrt(2) x 0.0363: one quantized schedule's mean over 8 blocks x 16 steps
+BOUND_PRUNED = 0.025  # 4 sqrt(2) x 0.004: c's mean over 8 blocks x 16 steps
+BOUND_EXACT = 1e-3  # a and b: the per-step tolerance
 
 
 @pytest.fixture(scope="module")
 def one_block(embedded_model):
     cfg, params, _ = embedded_model
-    blocks = jnp.array([REF["blocks"][0]["token_ids"]])
-    return run_schedules(cfg, SCFG, params, blocks, *_schedules(), M)
+    return run_schedules(cfg, SCFG, params, jnp.array([REF["blocks"][0]["token_ids"]]), *schedules(), M)
 
 
 @pytest.fixture(scope="module")
 def eight_blocks(embedded_model):
     cfg, params, _ = embedded_model
-    blocks = jnp.array(REF["aggregate_8blocks"]["token_ids"])
-    return run_schedules(cfg, SCFG, params, blocks, *_schedules(), M)
+    return run_schedules(cfg, SCFG, params, jnp.array(REF["aggregate_8blocks"]["token_ids"]), *schedules(), M)
 
 
 def _ref(name):
@@ -98,16 +95,25 @@ def test_budgets_are_exact_and_attended_fraction_tracks_the_reference(one_block,
     np.testing.assert_allclose(got, ref["quest_kept_frac_mean"], atol=0.01)
 
 
+def _mean_lp(scores, names):
+    return float(np.mean([np.asarray(scores.logprobs[:, NAMES.index(n)]).mean() for n in names]))
+
+
+def _ref_mean_lp(names):
+    return float(np.mean([AGG[n]["mean_lp_8row_batch"] for n in names]))
+
+
 @pytest.mark.embedded
-def test_quantized_schedules_match_in_the_mean(one_block, eight_blocks):
-    agg = REF["aggregate_8blocks"]["schedules"]
-    d = NAMES.index("d_q6")
-    assert abs(float(one_block.logprobs[0, d].mean()) - _ref("d_q6")["mean_lp_gt"]) <= 0.15
-    for name in ("d_q6", "e_keep0.2_prune0.5_q5", "f_varying"):
-        i = NAMES.index(name)
-        # the golden block inside the same 8-row batch composition as the reference's
-        assert abs(float(eight_blocks.logprobs[0, i].mean()) - agg[name]["per_block_mean_8row"][0]) <= 0.15
-        assert abs(float(eight_blocks.logprobs[:, i].mean()) - agg[name]["mean_lp_8row_batch"]) <= 0.06
-    for name in ("a_dense", "b_keep0.3", "c_prune0.6"):
-        i = NAMES.index(name)
-        assert abs(float(eight_blocks.logprobs[:, i].mean()) - agg[name]["mean_lp_8row_batch"]) <= 0.01
+def test_quantized_schedules_match_in_the_mean_over_blocks_and_schedules(eight_blocks):
+    pooled = abs(_mean_lp(eight_blocks, QUANTIZED) - _ref_mean_lp(QUANTIZED))
+    assert pooled <= BOUND_POOLED, f"mean over d, e, f differs by {pooled:.4f} nats"
+    for name in QUANTIZED:
+        diff = abs(_mean_lp(eight_blocks, [name]) - _ref_mean_lp([name]))
+        assert diff <= BOUND_QUANTIZED, f"{name}: 8-block mean differs by {diff:.4f} nats"
+
+
+@pytest.mark.embedded
+def test_unquantized_schedules_match_in_the_mean_over_blocks(eight_blocks):
+    for name, bound in (("a_dense", BOUND_EXACT), ("b_keep0.3", BOUND_EXACT), ("c_prune0.6", BOUND_PRUNED)):
+        diff = abs(_mean_lp(eight_blocks, [name]) - _ref_mean_lp([name]))
+        assert diff <= bound, f"{name}: 8-block mean differs by {diff:.4f} nats"
