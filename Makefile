@@ -32,6 +32,7 @@ demo: install
 
 test: install-dev
 	$(BIN)/soljax setup
+	$(BIN)/lint-imports
 	SOLJAX_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
 
 clean:

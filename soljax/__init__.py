@@ -7,7 +7,7 @@ policy that chooses per-token compute. The most used entry points are re-exporte
 from soljax.errors import SoljaxError
 from soljax.lm import KVCache, LMConfig, decode_step, extend, forward, logits, prefill
 from soljax.lm.checkpoint import load_model
-from soljax.tokenizer import Tokenizer
+from soljax.lm.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from soljax.errors import SoljaxError
 
-from soljax.demo import SAMPLE_PROMPT as DEMO_PROMPT
+from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
 GUARD_HELP = ("budget guard: the targets become hard caps (the policy may only choose actions that leave the "
               "episode able to end at or below every target)")
@@ -21,7 +21,7 @@ GUARD_HELP = ("budget guard: the targets become hard caps (the policy may only c
 def _model_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from soljax.embedded import embedded_model_dir
+    from soljax.data.embedded import embedded_model_dir
 
     path = embedded_model_dir()
     if not (path / "model.json").is_file():
@@ -36,8 +36,8 @@ def _load(arg: str | None, dtype: str | None = None):
 
 
 def cmd_setup(args) -> None:
-    from soljax.assets import ensure_assets
-    from soljax.embedded import ensure_embedded_model
+    from soljax.data.assets import ensure_assets
+    from soljax.data.embedded import ensure_embedded_model
 
     paths = ensure_assets(mmlu=not args.no_mmlu)
     model = ensure_embedded_model()
@@ -58,7 +58,7 @@ def _num_params(cfg) -> int:
 
 
 def cmd_convert(args) -> None:
-    from soljax.convert import convert
+    from soljax.lm.convert import convert
 
     cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype)
     print(f"converted {args.src} -> {args.out} ({cfg.arch}, {_num_params(cfg) / 1e6:.1f}M parameters, "
@@ -80,7 +80,7 @@ def cmd_generate(args) -> None:
                         (args.sample_actions, "--sample-actions"), (args.guard, "--guard"), (args.json, "--json")):
         if given:
             raise SoljaxError(f"{flag} needs --policy RUN_DIR (a training run)")
-    from soljax.generate import generate
+    from soljax.serve.generate import generate
 
     cfg, params, tok = _load(args.model, args.dtype)
     prompts = args.prompt or [DEMO_PROMPT]
@@ -107,12 +107,13 @@ def _budget_line(b: dict) -> str:
 
 def _generate_controlled(args) -> None:
     """``soljax generate --policy RUN_DIR --targets T,P,Q``: the policy (or fixed) chooses each token's compute."""
-    from soljax.episodes import load_controlled
-    from soljax.generate import parse_targets, policy_generation_report
+    from soljax.compress.targets import parse_target
+    from soljax.runs import load_controlled
+    from soljax.serve.generate import policy_generation_report
 
     if not args.targets:
         raise SoljaxError("--policy needs --targets TOKEN,PRUNE,QUANT (e.g. 0.5,0.7,8)")
-    targets = parse_targets(args.targets)
+    targets = parse_target(args.targets)
     model, tok = load_controlled(args.policy, model_dir=args.model, dtype=args.dtype, step=args.step,
                                  controller=args.controller or "policy", greedy=not args.sample_actions,
                                  guard=args.guard)
@@ -145,7 +146,7 @@ def _generate_controlled(args) -> None:
 def cmd_ppl(args) -> None:
     from tqdm import tqdm
 
-    from soljax.ppl import perplexity, windows
+    from soljax.eval.ppl import perplexity, windows
 
     cfg, params, tok = _load(args.model, args.dtype)
     results = []
@@ -167,7 +168,7 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_score_schedules(args) -> None:
-    from soljax.schedules import score_schedules
+    from soljax.eval.schedules import score_schedules
 
     path = Path(args.input)
     if not path.is_file():
@@ -187,8 +188,8 @@ def cmd_train(args) -> None:
     flags = {"coordinator_address": args.coordinator_address, "num_processes": args.num_processes,
              "process_id": args.process_id}
     cfg = TrainConfig.load(args.config, args.overrides).replace(**{k: v for k, v in flags.items() if v is not None})
-    parallel.initialize_distributed(cfg)  # before anything touches a device (importing soljax.train does)
-    from soljax.train import train
+    parallel.initialize_distributed(cfg)  # before anything touches a device (importing soljax.train.trainer does)
+    from soljax.train.trainer import train
 
     out = Path(args.out or cfg.out_dir)
     train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -199,13 +200,13 @@ def cmd_train(args) -> None:
 def cmd_bench(args) -> None:
     say = None if args.json else (lambda msg: print(f"soljax: benchmarking {msg}...", file=sys.stderr))
     if args.what == "kernels":
-        from soljax.bench_kernels import bench_kernels, format_table
+        from soljax.tools.bench_kernels import bench_kernels, format_table
 
         result = bench_kernels(tuple(args.context or (4096, 32768)), tuple(args.batch), impls=args.impl,
                                dtype=args.dtype, repeats=args.repeats, progress=say)
         print(json.dumps(result) if args.json else format_table(result))
         return
-    from soljax.bench import bench_rollout, format_table
+    from soljax.tools.bench import bench_rollout, format_table
 
     result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
                            progress=say)
@@ -213,7 +214,8 @@ def cmd_bench(args) -> None:
 
 
 def _sweep_config(args):
-    from soljax.evaluate import SweepConfig, parse_targets
+    from soljax.compress.targets import parse_targets
+    from soljax.eval.sweep import SweepConfig
 
     kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
               seed=args.seed, gamma=args.gamma, guard=args.guard)
@@ -227,8 +229,8 @@ def _sweep_config(args):
 
 
 def cmd_eval_ppl(args) -> None:
-    from soljax.evaluate import eval_ppl
-    from soljax.report import write_report
+    from soljax.eval.sweep import eval_ppl
+    from soljax.eval.report import write_report
 
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     result = eval_ppl(args.run, _sweep_config(args), out, progress=not args.quiet)
@@ -242,7 +244,7 @@ def cmd_eval_ppl(args) -> None:
 
 
 def cmd_eval_report(args) -> None:
-    from soljax.report import write_report
+    from soljax.eval.report import write_report
 
     paths = write_report(Path(args.sweep))
     print(paths["report"].read_text())
@@ -250,8 +252,8 @@ def cmd_eval_report(args) -> None:
 
 
 def cmd_eval_downstream(args) -> None:
-    from soljax.evaluate import parse_targets
-    from soljax.harness import format_downstream, run_downstream
+    from soljax.compress.targets import parse_targets
+    from soljax.eval.harness import format_downstream, run_downstream
 
     targets = parse_targets(args.targets)
     tasks = tuple(t for arg in args.tasks for t in arg.split(","))
@@ -264,8 +266,8 @@ def cmd_eval_downstream(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job: assets, training, evaluation against baselines, report, a sample."""
-    from soljax.demo import run_demo
-    from soljax.report import load_sweep, summarize
+    from soljax.tools.demo import run_demo
+    from soljax.eval.report import load_sweep, summarize
 
     result = run_demo(args.out, overrides=tuple(args.overrides), quick=args.quick, progress=not args.quiet)
     paths = result["paths"]
@@ -383,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="eval", help="evaluation text (default: the eval split, Persuasion)")
     e.add_argument("--blocks", type=int, default=64, help="evaluation blocks (default 64)")
     e.add_argument("--batch-size", type=int, default=8, help="blocks per compiled call (default 8)")
-    e.add_argument("--targets", metavar="T,P,Q;...", help="target triples: token keep, MLP-input keep, bit "
-                   "ratio (default: a diagonal through the grid)")
+    e.add_argument("--targets", metavar="T,P,Q;...", help="target triples: token keep, MLP-input keep, "
+                   "quant as bits/16 ratio or bit width (default: a diagonal through the grid)")
     e.add_argument("--trials", type=int, default=30, help="random schedules per target (best-of-N and mean)")
     e.add_argument("--methods", nargs="+", help="subset of: policy fixed random emc dac dense static")
     e.add_argument("--static", nargs="+", metavar="KIND:VALUE", help="static points, e.g. quest:0.3 teal:0.6 "
@@ -400,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval_report)
     e = ev.add_parser("downstream", help="task accuracy with lm_eval: the policy, the matched fixed baseline, dense")
     e.add_argument("--run", required=True, help="a training run directory")
-    e.add_argument("--targets", default="0.5,0.8,0.5", metavar="T,P,Q;...", help="target triples (default "
-                   "0.5,0.8,0.5)")
+    e.add_argument("--targets", default="0.5,0.8,0.5", metavar="T,P,Q;...", help="target triples: token keep, "
+                   "MLP-input keep, quant as bits/16 ratio or bit width (default 0.5,0.8,0.5)")
     e.add_argument("--tasks", nargs="+", default=["soljax_mmlu", "soljax_cloze"], help="lm_eval task names "
                    "(default: the offline soljax_mmlu and soljax_cloze; others need the network)")
     e.add_argument("--modes", nargs="+", default=["policy", "fixed", "dense"], choices=["policy", "fixed", "dense"])

@@ -13,9 +13,13 @@ from typing import Any
 
 import yaml
 
+from soljax.compress.actions import AXES, ActionGrid
+from soljax.control.network import PolicyConfig
 from soljax.errors import SoljaxError
+from soljax.lm.controlled import SparsityConfig
 
-AXES = ("tok", "prune", "q_ratio")
+# the infix of each axis's budget keys (budget_tok_min, budget_q_ratio_list...), the reference's names
+BUDGET_KEYS = {"token": "tok", "prune": "prune", "quant": "q_ratio"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,20 +178,21 @@ class TrainConfig:
     # ------------------------------------------------------------------ budgets
 
     def default_target(self, axis: str) -> float:
-        return {"tok": self.C_target, "prune": self.C_target_prune,
-                "q_ratio": self.C_target_quant_bits / 16.0}[axis]
+        return {"token": self.C_target, "prune": self.C_target_prune, "quant": self.C_target_quant_bits / 16.0}[axis]
 
     def budget_sampler(self, axis: str) -> tuple[str, tuple[float, ...]]:
-        """``("list", values)``, ``("uniform", (lo, hi))`` or ``("constant", (c,))`` for an axis."""
-        values = getattr(self, f"budget_{axis}_list")
-        lo, hi = getattr(self, f"budget_{axis}_min"), getattr(self, f"budget_{axis}_max")
+        """``("list", values)``, ``("uniform", (lo, hi))`` or ``("constant", (c,))`` for an axis
+        (one of :data:`~soljax.compress.actions.AXES`)."""
+        key = BUDGET_KEYS[axis]
+        values = getattr(self, f"budget_{key}_list")
+        lo, hi = getattr(self, f"budget_{key}_min"), getattr(self, f"budget_{key}_max")
         if values is not None:
             if not values or not all(0 < float(v) <= 1 for v in values):
-                raise SoljaxError(f"config: budget_{axis}_list must be a non-empty list of values in (0, 1]")
+                raise SoljaxError(f"config: budget_{key}_list must be a non-empty list of values in (0, 1]")
             return "list", tuple(float(v) for v in values)
         if lo is not None or hi is not None:
             if lo is None or hi is None:
-                raise SoljaxError(f"config: budget_{axis}_min and budget_{axis}_max must be given together")
+                raise SoljaxError(f"config: budget_{key}_min and budget_{key}_max must be given together")
             if not 0 < lo <= hi <= 1:
                 raise SoljaxError(f"config: bad budget range for {axis}: need 0 < min <= max <= 1, got [{lo}, {hi}]")
             return "uniform", (float(lo), float(hi))
@@ -265,3 +270,27 @@ def updates_per_batch(cfg: TrainConfig) -> float:
     seqs = per_buffer * cfg.batch_size * cfg.grpo_rollouts_per_input
     minibatches = math.ceil(seqs / max(1, cfg.ppo_minibatch_size // cfg.rollout_len))
     return minibatches / cfg.grad_accum_steps / per_buffer
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def action_grid(cfg: TrainConfig) -> ActionGrid:
+    """The run's action grid (keep fractions x prune choices x quant choices)."""
+    return ActionGrid(keep_fracs=cfg.keep_fracs, struct_prune_choices=cfg.struct_prune_choices,
+                      quant_choices=cfg.quant_choices)
+
+
+def sparsity_config(cfg: TrainConfig) -> SparsityConfig:
+    """How the controlled LM step applies token sparsity and which kernels it uses."""
+    return SparsityConfig(criterion=cfg.sparsity_criteria, page_size=cfg.quest_page_size, sink_tokens=cfg.Ts,
+                          window_tokens=cfg.Tw, relevancy_tier=cfg.relevancy_tier,
+                          attention_impl=cfg.attention_impl, mlp_impl=cfg.mlp_impl,
+                          kernel_interpret=cfg.kernel_interpret)
+
+
+def policy_config(cfg: TrainConfig) -> PolicyConfig:
+    """The policy network's shape and temperature."""
+    return PolicyConfig(d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
+                        mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim,
+                        max_len=cfg.policy_max_len, temperature=cfg.pi_temperature)

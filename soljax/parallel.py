@@ -52,7 +52,7 @@ LM_MODEL_DIM = {
     "lm_head": 1,  # [D, V]
 }
 
-# Parts of the trainer's state pytree (soljax.train.Trainer.init_state) and how they are laid out.
+# Parts of the trainer's state pytree (soljax.train.trainer.Trainer.init_state) and how they are laid out.
 POLICY_PARTS = ("policy", "ref", "opt", "grad_acc")
 ROW_PARTS = ("buffer",)
 

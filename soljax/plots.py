@@ -1,10 +1,17 @@
-"""Pictures people would rather look at than read: training curves and evaluation figures."""
+"""Pictures people would rather look at than read: training curves and evaluation figures.
+
+Plain functions of metric rows and sweep points (dicts), so training and evaluation both draw with
+them.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+
+from soljax.compress.actions import AXES
 
 
 def _smooth(y: np.ndarray, width: int) -> np.ndarray:
@@ -25,11 +32,9 @@ def _pyplot():
     return plt
 
 
-def plot_training(metrics_path: Path, out_path: Path) -> Path | None:
-    """Reward, budget penalty, penalized return and per-axis usage gaps over data batches."""
-    from soljax.train_io import read_metrics
-
-    rows = read_metrics(metrics_path)
+def plot_training(rows: list[dict], out_path: Path) -> Path | None:
+    """Reward, budget penalty, penalized return and per-axis usage gaps over data batches, from a
+    run's metric rows (one per batch)."""
     if not rows:
         return None
     plt = _pyplot()
@@ -67,6 +72,17 @@ _STYLE = {  # method -> (colour, marker)
 }
 
 
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points not dominated in (net keep lower, perplexity lower), by increasing net keep."""
+    pts = sorted(points, key=lambda p: (p["net_keep"], p["ppl"]))
+    front, best = [], math.inf
+    for p in pts:
+        if p["ppl"] < best:
+            front.append(p)
+            best = p["ppl"]
+    return front
+
+
 def _style(method: str):
     key = "random_best" if method.startswith("random_best") else method
     return _STYLE.get(key, ("black", "*"))
@@ -75,8 +91,6 @@ def _style(method: str):
 def plot_pareto(points: list[dict], out_path: Path, title: str = "") -> Path:
     """Perplexity vs realized net keep: every method's points, its Pareto front as a line, the
     policy's and fixed baseline's 95% intervals, dense and static single-axis points labelled."""
-    from soljax.evaluate import pareto_front
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     methods = [m for m in dict.fromkeys(p["method"] for p in points if p["sweep"] is not None)]
@@ -109,8 +123,6 @@ def plot_pareto(points: list[dict], out_path: Path, title: str = "") -> Path:
 
 def plot_adherence(points: list[dict], out_path: Path) -> Path:
     """The policy's realized usage against its target, per axis (the diagonal is perfect)."""
-    from soljax.compress.actions import AXES
-
     plt = _pyplot()
     pts = [p for p in points if p["method"] == "policy"]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
@@ -138,8 +150,6 @@ def plot_adherence(points: list[dict], out_path: Path) -> Path:
 def plot_passage(passage: dict, out_path: Path, max_blocks: int = 3) -> Path:
     """Which tokens got compute: each block's controlled tokens as text, with the policy's token
     keep, MLP-input keep and bit ratio for that step as three coloured strips under each token."""
-    from soljax.compress.actions import AXES
-
     plt = _pyplot()
     cmap = plt.get_cmap("viridis")
     blocks = passage["blocks"][:max_blocks]

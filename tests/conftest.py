@@ -153,7 +153,7 @@ def tiny_hf_model(tmp_path_factory):
 
 
 def embedded_gguf_path() -> Path:
-    from soljax import assets
+    from soljax.data import assets
 
     return assets._installed_gguf() or assets.gguf_cache_path()
 
@@ -164,8 +164,8 @@ def embedded_model():
     gguf = embedded_gguf_path()
     if not gguf.is_file():
         skip_or_fail(f"embedded model not fetched ({gguf} is missing; run "
-                     "soljax.assets.ensure_assets())")
-    from soljax.embedded import ensure_embedded_model
+                     "soljax.data.assets.ensure_assets())")
+    from soljax.data.embedded import ensure_embedded_model
     from soljax.lm.checkpoint import load_model
 
     return load_model(ensure_embedded_model())

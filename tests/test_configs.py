@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from soljax.config import TrainConfig, updates_per_batch
-from soljax.train import action_grid
+from soljax.config import action_grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,7 +15,7 @@ import jax
 from soljax.errors import SoljaxError
 from soljax.lm.config import LMConfig
 from soljax.lm.params import abstract_params, param_shapes
-from soljax.tokenizer import Tokenizer
+from soljax.lm.tokenizer import Tokenizer
 
 FORMAT = "soljax-lm"
 VERSION = 1

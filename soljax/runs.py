@@ -1,0 +1,152 @@
+"""A training run on disk, read in one place.
+
+::
+
+    <run>/config.yaml        the run's full TrainConfig
+    <run>/checkpoints/<n>/   orbax checkpoints of the whole training state (n = data batches)
+    <run>/metrics.jsonl      one JSON object per data batch
+    <run>/tb/                TensorBoard event files
+    <run>/training.png       reward, penalty and budget adherence curves
+
+The trainer writes runs (:mod:`soljax.train.writer`); everything that uses one (evaluation,
+serving, the demo, notebooks) reads it through these functions: its config, its checkpoints, its
+policy, its LM, and the controlled model made of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import yaml
+
+from soljax.config import TrainConfig, action_grid, policy_config, sparsity_config
+from soljax.control import GivenActions, GivenControls, PolicyController, fixed_schedule
+from soljax.engine import ControlledModel
+from soljax.errors import SoljaxError
+from soljax.lm.controlled import Controls
+
+CONTROLLERS = ("policy", "fixed", "dense")
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`~soljax.config.TrainConfig` saved in a training run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SoljaxError(f"no such training run directory: {run_dir}")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise SoljaxError(f"{run_dir} is not a soljax training run (no config.yaml)")
+    return TrainConfig.from_dict(yaml.safe_load(saved.read_text()) or {})
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file."""
+    return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """The data batches at which a training run has (finished) checkpoints, ascending."""
+    import orbax.checkpoint as ocp
+
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    mgr = ocp.CheckpointManager(ckpts.absolute())
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
+
+
+def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, dict]:
+    """A training run's config and its policy variables (for ``SOLPolicy.apply``) at checkpoint
+    ``step`` (default: the latest), on this process's first device whatever mesh saved them."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    cfg = run_config(run_dir)
+    ckpts = Path(run_dir) / "checkpoints"
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise SoljaxError(f"{run_dir} holds no checkpoint yet")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise SoljaxError(f"{run_dir} has no checkpoint {step} (has {steps})")
+    mgr = ocp.CheckpointManager(ckpts.absolute(), item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = mgr.item_metadata(step).tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+        state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:
+        raise SoljaxError(f"cannot restore {ckpts / str(step)}: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    finally:
+        mgr.close()
+    return cfg, state["policy"]
+
+
+def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = None,
+            dtype: str | None = None) -> tuple:
+    """The frozen LM of a run (``cfg.model``: ``embedded`` or a converted model directory; or
+    ``model_dir``) as ``(LMConfig, params, tokenizer)`` in ``dtype`` (default the run's);
+    ``sharding``: ``(path, shape) -> sharding`` to restore the parameters straight onto a mesh (each
+    host reads only its own shards)."""
+    from soljax.lm.checkpoint import load_model
+
+    model = str(cfg.model if model_dir is None else model_dir)
+    if model == "embedded":
+        from soljax.data.embedded import ensure_embedded_model
+
+        model = ensure_embedded_model()
+    elif not Path(model).exists() and "/" in model and not model.startswith((".", "/")):
+        raise SoljaxError(f"model {model!r} is a Hugging Face name: convert a local copy first "
+                          f"(soljax convert --from HF_DIR --out DIR) and pass model=DIR")
+    elif not Path(model).is_dir():
+        raise SoljaxError(f"model directory not found: {model}")
+    return load_model(Path(model), dtype=dtype or cfg.dtype, sharding=sharding)
+
+
+def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
+                     greedy: bool = True, guard: bool = False) -> ControlledModel:
+    """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
+    the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
+    actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
+    the budget-matched fixed schedule over its action grid (``"fixed"``) or the dense model
+    (``"dense"``)."""
+    if controller not in CONTROLLERS:
+        raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
+                          f"{', '.join(CONTROLLERS)})")
+    if guard and controller != "policy":
+        raise SoljaxError("the budget guard applies to the policy controller only")
+    tcfg = run_config(run_dir)
+    grid, T, scfg = action_grid(tcfg), tcfg.rollout_len, sparsity_config(tcfg)
+    if controller == "dense":
+        def dense(targets):
+            B = len(targets)
+            return Controls(jnp.ones((B, 1, T)), jnp.ones((B, 1, T)), jnp.full((B, 1, T), 16, jnp.int32))
+
+        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T)
+    if controller == "fixed":
+        return ControlledModel(cfg, params, scfg, GivenActions(grid=grid),
+                               lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T)
+    _, variables = load_policy(run_dir, step)
+    pcfg = policy_config(tcfg)
+    want = 2 * cfg.hidden_size + pcfg.scalar_hidden + pcfg.action_dim
+    got = variables["params"]["in_proj"]["kernel"].shape[0]
+    if got != want:
+        raise SoljaxError(f"the policy in {run_dir} was trained on an LM of another width (input size "
+                          f"{got}, this LM needs {want}): use the run's model")
+    policy = PolicyController(grid=grid, policy=pcfg, greedy=greedy, guard=guard)
+    return ControlledModel(cfg, params, scfg, policy, variables, T)
+
+
+def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
+                    step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False):
+    """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
+    own model) and its policy, fixed baseline or dense model (see :func:`controlled_model`)."""
+    cfg, params, tok = load_lm(run_config(run_dir), model_dir=model_dir, dtype=dtype)
+    return controlled_model(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
+                            guard=guard), tok
