@@ -33,7 +33,7 @@ from golden import NAMES, REF, SCFG, M, schedules  # noqa: E402
 
 from soljax.data.embedded import ensure_embedded_model  # noqa: E402
 from soljax.lm.checkpoint import load_model  # noqa: E402
-from soljax.engine.rollout import run_schedules  # noqa: E402
+from soljax.eval.schedules import run_schedules  # noqa: E402
 
 
 def main() -> None:
