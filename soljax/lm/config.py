@@ -108,11 +108,11 @@ class LMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SoljaxError(f"model config: unknown keys {unknown}")
-        if isinstance(d.get("rope_scaling"), dict):
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
         try:
+            if isinstance(d.get("rope_scaling"), dict):
+                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            if "eos_token_ids" in d:
+                d["eos_token_ids"] = tuple(d["eos_token_ids"])
             return cls(**d)
         except TypeError as e:
             raise SoljaxError(f"model config: {e}") from None
