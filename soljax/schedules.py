@@ -37,6 +37,9 @@ def _schedules(spec: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarra
             v = s.get(key)
             if not isinstance(v, list) or not v:
                 raise SoljaxError(f"schedule {names[-1]!r}: '{key}' must be a non-empty list")
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))]
+            if bad:
+                raise SoljaxError(f"schedule {names[-1]!r}: '{key}' must be a flat list of numbers, got {bad[0]!r}")
             rows[key].append(v)
     lengths = {len(v) for key in rows for v in rows[key]}
     if len(lengths) != 1:
@@ -45,7 +48,7 @@ def _schedules(spec: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarra
         kappa = np.asarray(rows["kappa"], np.float32)
         rho = np.asarray(rows["rho"], np.float32)
         bits_f = np.asarray(rows["bits"], np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SoljaxError("schedule values must be numbers") from None
     if not ((kappa > 0) & (kappa <= 1)).all():
         raise SoljaxError("schedule kappa values must lie in (0, 1]")
