@@ -148,6 +148,7 @@ def cmd_ppl(args) -> None:
     from soljax.ppl import perplexity, windows
 
     cfg, params, tok = _load(args.model, args.dtype)
+    cfg.check_length(args.window, "--window")
     results = []
     for name in args.files:
         path = Path(name)

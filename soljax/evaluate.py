@@ -192,9 +192,10 @@ class Sweep:
     """Runs a :class:`SweepConfig` for one policy on the LM (see the module doc)."""
 
     def __init__(self, lm: tuple, train_cfg, policy_vars: dict, scfg: SweepConfig):
-        from soljax.train import action_grid, policy_config, sparsity_config
+        from soljax.train import action_grid, check_episode_length, policy_config, sparsity_config
 
         self.lm_cfg, self.params, self.tokenizer = lm
+        check_episode_length(train_cfg, self.lm_cfg)
         self.cfg = train_cfg
         self.policy_vars = policy_vars
         self.sc = scfg
@@ -384,13 +385,13 @@ def eval_ppl(run_dir: str | Path, scfg: SweepConfig, out_dir: str | Path | None 
              lm: tuple | None = None, progress: bool = True) -> dict:
     """Loads the run's policy and LM, cuts evaluation blocks, runs the sweep and writes it."""
     from soljax.data import load_blocks
+    from soljax.train import check_episode_length, load_lm
     from soljax.train_io import checkpoint_steps, load_policy
 
     train_cfg, policy_vars = load_policy(run_dir)
     if lm is None:
-        from soljax.train import load_lm
-
         lm = load_lm(train_cfg)
+    check_episode_length(train_cfg, lm[0])  # before cutting blocks of that length
     blocks = load_blocks(scfg.data, lm[2], context_len=train_cfg.context_len, rollout_len=train_cfg.rollout_len,
                          seed=scfg.seed, max_blocks=scfg.num_blocks)
     result = Sweep(lm, train_cfg, policy_vars, scfg).run(blocks, progress=progress)

@@ -81,7 +81,8 @@ def score_schedules(cfg: LMConfig, params: dict, spec: dict) -> dict:
     for i, b in enumerate(blocks):
         if not isinstance(b, list) or len(b) < T + 2:
             raise SoljaxError(f"block {i} needs at least T + 2 = {T + 2} token ids (a context, then T + 1)")
-        if not all(isinstance(x, int) and 0 <= x < cfg.vocab_size for x in b):
+        cfg.check_length(len(b), f"block {i}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < cfg.vocab_size for x in b):
             raise SoljaxError(f"block {i} has token ids outside [0, {cfg.vocab_size})")
     out: list[dict | None] = [None] * (len(blocks) * len(names))
     for length in sorted({len(b) for b in blocks}):

@@ -37,6 +37,7 @@ from soljax.config import AXES, TrainConfig
 from soljax.controllers import PolicyController
 from soljax.errors import SoljaxError
 from soljax.grpo import GRPOConfig, compute_advantages, kl_categorical, ppo_loss
+from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig
 from soljax.policy import PolicyConfig, SOLPolicy, entropy, init_policy, log_prob
 from soljax.rollout import episode_usage, rollout
@@ -122,6 +123,12 @@ def load_lm(cfg: TrainConfig, sharding=None) -> tuple:
     return load_model(Path(model_dir), dtype=cfg.dtype, sharding=sharding)
 
 
+def check_episode_length(cfg: TrainConfig, lm_cfg: LMConfig) -> None:
+    """Raises :class:`SoljaxError` unless a block (``context_len + rollout_len + 1`` tokens) fits
+    the LM's context."""
+    lm_cfg.check_length(cfg.context_len + cfg.rollout_len + 1, "config: context_len + rollout_len + 1")
+
+
 class Trainer:
     """Holds the frozen LM, the data and the compiled steps; :meth:`run` trains."""
 
@@ -133,6 +140,7 @@ class Trainer:
         self.plan = parallel.plan_from_config(cfg)  # None: one device, the plain path
         lm_sharding = self.plan.lm_sharding if self.plan else None
         self.lm_cfg, self.lm_params, self.tokenizer = load_lm(cfg, lm_sharding) if lm is None else lm
+        check_episode_length(cfg, self.lm_cfg)
         if self.plan is not None:
             self.lm_params = parallel.place(self.lm_params, self.plan.lm_shardings(self.lm_params))
         if blocks is None:

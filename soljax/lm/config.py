@@ -86,6 +86,12 @@ class LMConfig:
         if self.dtype not in DTYPES:
             raise SoljaxError(f"model config: dtype must be one of {DTYPES}, got {self.dtype!r}")
 
+    def check_length(self, n: int, what: str) -> None:
+        """Raises :class:`SoljaxError` unless a sequence of ``n`` tokens fits the model's context."""
+        if n > self.max_position_embeddings:
+            raise SoljaxError(f"{what} ({n} tokens) exceeds the model's maximum context "
+                              f"(max_position_embeddings = {self.max_position_embeddings})")
+
     @property
     def group_size(self) -> int:
         """Query heads per KV head (1 = MHA, num_heads = MQA)."""
