@@ -60,7 +60,7 @@ def _num_params(cfg) -> int:
 def cmd_convert(args) -> None:
     from soljax.convert import convert
 
-    cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype)
+    cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype, force=args.force)
     print(f"converted {args.src} -> {args.out} ({cfg.arch}, {_num_params(cfg) / 1e6:.1f}M parameters, "
           f"{cfg.dtype})")
 
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="src", required=True, help="HF model directory or .gguf file")
     s.add_argument("--out", required=True, help="output soljax model directory")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out directory that is not "
+                   "a soljax model (an existing soljax model directory is always overwritten)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("info", help="print a converted model's config and parameter count")
