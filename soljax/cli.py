@@ -148,7 +148,8 @@ def cmd_ppl(args) -> None:
     from soljax.ppl import perplexity, windows
 
     cfg, params, tok = _load(args.model, args.dtype)
-    cfg.check_length(args.window, "--window")
+    window = min(1024, cfg.max_position_embeddings) if args.window is None else args.window
+    cfg.check_length(window, "--window")
     results = []
     for name in args.files:
         path = Path(name)
@@ -159,10 +160,10 @@ def cmd_ppl(args) -> None:
         except UnicodeDecodeError:
             raise SoljaxError(f"{path} is not UTF-8 text") from None
         ids = tok.encode(text)
-        n_windows = len(windows(ids, args.window)[0]) if len(ids) >= 2 else 0
+        n_windows = len(windows(ids, window)[0]) if len(ids) >= 2 else 0
         with tqdm(total=n_windows, desc=path.name, unit="win", disable=args.quiet,
                   file=sys.stderr) as bar:
-            r = perplexity(cfg, params, ids, window=args.window, progress=bar.update)
+            r = perplexity(cfg, params, ids, window=window, progress=bar.update)
         results.append({"path": str(path), **r})
     print(json.dumps({"files": results}, indent=2))
 
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ppl", help="dense perplexity of text files in non-overlapping windows")
     model_args(s)
-    s.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    s.add_argument("--window", type=int, help="tokens per window (default 1024, or the model's maximum context "
+                   "if shorter)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("files", nargs="+", help="UTF-8 text files")
     s.set_defaults(fn=cmd_ppl)
