@@ -60,7 +60,7 @@ def _num_params(cfg) -> int:
 def cmd_convert(args) -> None:
     from soljax.lm.convert import convert
 
-    cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype)
+    cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype, force=args.force)
     print(f"converted {args.src} -> {args.out} ({cfg.arch}, {_num_params(cfg) / 1e6:.1f}M parameters, "
           f"{cfg.dtype})")
 
@@ -149,6 +149,8 @@ def cmd_ppl(args) -> None:
     from soljax.eval.ppl import perplexity, windows
 
     cfg, params, tok = _load(args.model, args.dtype)
+    window = min(1024, cfg.max_position_embeddings) if args.window is None else args.window
+    cfg.check_length(window, "--window")
     results = []
     for name in args.files:
         path = Path(name)
@@ -159,10 +161,10 @@ def cmd_ppl(args) -> None:
         except UnicodeDecodeError:
             raise SoljaxError(f"{path} is not UTF-8 text") from None
         ids = tok.encode(text)
-        n_windows = len(windows(ids, args.window)[0]) if len(ids) >= 2 else 0
+        n_windows = len(windows(ids, window)[0]) if len(ids) >= 2 else 0
         with tqdm(total=n_windows, desc=path.name, unit="win", disable=args.quiet,
                   file=sys.stderr) as bar:
-            r = perplexity(cfg, params, ids, window=args.window, progress=bar.update)
+            r = perplexity(cfg, params, ids, window=window, progress=bar.update)
         results.append({"path": str(path), **r})
     print(json.dumps({"files": results}, indent=2))
 
@@ -307,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="src", required=True, help="HF model directory or .gguf file")
     s.add_argument("--out", required=True, help="output soljax model directory")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out directory that is not "
+                   "a soljax model (an existing soljax model directory is always overwritten)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("info", help="print a converted model's config and parameter count")
@@ -341,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ppl", help="dense perplexity of text files in non-overlapping windows")
     model_args(s)
-    s.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
+    s.add_argument("--window", type=int, help="tokens per window (default 1024, or the model's maximum context "
+                   "if shorter)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("files", nargs="+", help="UTF-8 text files")
     s.set_defaults(fn=cmd_ppl)

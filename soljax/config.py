@@ -16,6 +16,7 @@ import yaml
 from soljax.compress.actions import AXES, ActionGrid
 from soljax.control.network import PolicyConfig
 from soljax.errors import SoljaxError
+from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig
 
 # the infix of each axis's budget keys (budget_tok_min, budget_q_ratio_list...), the reference's names
@@ -212,9 +213,11 @@ class TrainConfig:
             if not path.is_file():
                 raise SoljaxError(f"config file not found: {path}")
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except UnicodeDecodeError:
+                raise SoljaxError(f"{path} is not UTF-8 text") from None
             except yaml.YAMLError as e:
-                raise SoljaxError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+                raise SoljaxError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
             if not isinstance(loaded, dict):
                 raise SoljaxError(f"{path} must hold a mapping of config keys")
             data.update(loaded)
@@ -222,7 +225,10 @@ class TrainConfig:
             if "=" not in item:
                 raise SoljaxError(f"override {item!r} is not key=value")
             key, value = item.split("=", 1)
-            data[key.strip()] = yaml.safe_load(value)
+            try:
+                data[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise SoljaxError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -256,6 +262,14 @@ def _coerce(name: str, kind: str, v):
     except ValueError:
         raise SoljaxError(f"config: {name} must be a number, got {v!r}") from None
     return v
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: its problem and where, else the first line of its message."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _positive_int(name: str, v) -> None:
@@ -294,3 +308,9 @@ def policy_config(cfg: TrainConfig) -> PolicyConfig:
     return PolicyConfig(d_model=cfg.policy_d_model, n_heads=cfg.policy_n_heads, n_layers=cfg.policy_n_layers,
                         mlp_ratio=cfg.policy_mlp_ratio, action_dim=cfg.policy_action_dim,
                         max_len=cfg.policy_max_len, temperature=cfg.pi_temperature)
+
+
+def check_episode_length(cfg: TrainConfig, lm_cfg: LMConfig) -> None:
+    """Raises :class:`SoljaxError` unless a block (``context_len + rollout_len + 1`` tokens) fits
+    the LM's context."""
+    lm_cfg.check_length(cfg.context_len + cfg.rollout_len + 1, "config: context_len + rollout_len + 1")

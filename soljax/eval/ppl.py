@@ -47,6 +47,7 @@ def windows(ids: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
 def perplexity(cfg: LMConfig, params: dict, ids, window: int = 1024, batch_tokens: int = 4096,
                progress=None) -> dict:
     """``{"tokens", "mean_nll", "ppl"}`` of one token sequence scored in windows of ``window``."""
+    cfg.check_length(window, "--window")
     toks, lens = windows(ids, window)
     if len(toks) == 0:
         raise SoljaxError("the text is too short to score (needs at least 2 tokens)")

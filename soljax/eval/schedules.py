@@ -71,6 +71,9 @@ def _schedules(spec: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarra
             v = s.get(key)
             if not isinstance(v, list) or not v:
                 raise SoljaxError(f"schedule {names[-1]!r}: '{key}' must be a non-empty list")
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))]
+            if bad:
+                raise SoljaxError(f"schedule {names[-1]!r}: '{key}' must be a flat list of numbers, got {bad[0]!r}")
             rows[key].append(v)
     lengths = {len(v) for key in rows for v in rows[key]}
     if len(lengths) != 1:
@@ -79,7 +82,7 @@ def _schedules(spec: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarra
         kappa = np.asarray(rows["kappa"], np.float32)
         rho = np.asarray(rows["rho"], np.float32)
         bits_f = np.asarray(rows["bits"], np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SoljaxError("schedule values must be numbers") from None
     if not ((kappa > 0) & (kappa <= 1)).all():
         raise SoljaxError("schedule kappa values must lie in (0, 1]")
@@ -112,7 +115,8 @@ def score_schedules(cfg: LMConfig, params: dict, spec: dict) -> dict:
     for i, b in enumerate(blocks):
         if not isinstance(b, list) or len(b) < T + 2:
             raise SoljaxError(f"block {i} needs at least T + 2 = {T + 2} token ids (a context, then T + 1)")
-        if not all(isinstance(x, int) and 0 <= x < cfg.vocab_size for x in b):
+        cfg.check_length(len(b), f"block {i}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < cfg.vocab_size for x in b):
             raise SoljaxError(f"block {i} has token ids outside [0, {cfg.vocab_size})")
     out: list[dict | None] = [None] * (len(blocks) * len(names))
     for length in sorted({len(b) for b in blocks}):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soljax.compress.actions import AXES, ActionGrid
-from soljax.config import action_grid, policy_config, sparsity_config
+from soljax.config import action_grid, check_episode_length, policy_config, sparsity_config
 from soljax.control import (DriftController, EntropyMarginController, GivenActions, GivenControls, PolicyController,
                             axis_levels, block_phases, fixed_schedule, random_schedule)
 from soljax.engine import episode_usage, prefill_blocks, rollout
@@ -178,6 +178,7 @@ class Sweep:
     def __init__(self, lm: tuple, train_cfg, policy_vars: dict, scfg: SweepConfig):
 
         self.lm_cfg, self.params, self.tokenizer = lm
+        check_episode_length(train_cfg, self.lm_cfg)
         self.cfg = train_cfg
         self.policy_vars = policy_vars
         self.sc = scfg
@@ -361,6 +362,7 @@ def eval_ppl(run_dir: str | Path, scfg: SweepConfig, out_dir: str | Path | None 
     train_cfg, policy_vars = load_policy(run_dir)
     if lm is None:
         lm = load_lm(train_cfg)
+    check_episode_length(train_cfg, lm[0])  # before cutting blocks of that length
     blocks = load_blocks(scfg.data, lm[2], context_len=train_cfg.context_len, rollout_len=train_cfg.rollout_len,
                          seed=scfg.seed, max_blocks=scfg.num_blocks)
     result = Sweep(lm, train_cfg, policy_vars, scfg).run(blocks, progress=progress)

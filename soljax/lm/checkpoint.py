@@ -102,9 +102,14 @@ def load_config(directory: Path) -> LMConfig:
         meta = json.loads(meta_path.read_text())
     except ValueError as e:
         raise SoljaxError(f"{meta_path} is corrupt: {e}") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SoljaxError(f"{meta_path} is not a soljax model description")
-    return LMConfig.from_dict(meta["config"])
+    if not isinstance(meta.get("config"), dict):
+        raise SoljaxError(f"{meta_path} has no 'config' object (the model's configuration)")
+    try:
+        return LMConfig.from_dict(meta["config"])
+    except SoljaxError as e:
+        raise SoljaxError(f"{meta_path}: {e}") from None
 
 
 def load_model(directory: Path, dtype: str | None = None, sharding=None):

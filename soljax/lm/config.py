@@ -86,6 +86,12 @@ class LMConfig:
         if self.dtype not in DTYPES:
             raise SoljaxError(f"model config: dtype must be one of {DTYPES}, got {self.dtype!r}")
 
+    def check_length(self, n: int, what: str) -> None:
+        """Raises :class:`SoljaxError` unless a sequence of ``n`` tokens fits the model's context."""
+        if n > self.max_position_embeddings:
+            raise SoljaxError(f"{what} ({n} tokens) exceeds the model's maximum context "
+                              f"(max_position_embeddings = {self.max_position_embeddings})")
+
     @property
     def group_size(self) -> int:
         """Query heads per KV head (1 = MHA, num_heads = MQA)."""
@@ -108,11 +114,11 @@ class LMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SoljaxError(f"model config: unknown keys {unknown}")
-        if isinstance(d.get("rope_scaling"), dict):
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if "eos_token_ids" in d:
-            d["eos_token_ids"] = tuple(d["eos_token_ids"])
         try:
+            if isinstance(d.get("rope_scaling"), dict):
+                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            if "eos_token_ids" in d:
+                d["eos_token_ids"] = tuple(d["eos_token_ids"])
             return cls(**d)
         except TypeError as e:
             raise SoljaxError(f"model config: {e}") from None

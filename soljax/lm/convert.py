@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from soljax.errors import SoljaxError
-from soljax.lm.checkpoint import params_from_numpy, save_model
+from soljax.lm.checkpoint import FORMAT, params_from_numpy, save_model
 from soljax.lm.config import LMConfig
 from soljax.lm.keymap import hf_to_params
 from soljax.lm.tokenizer import Tokenizer
 
 
-def read_hf(directory: Path):
-    """``(cfg, numpy params, tokenizer)`` from an HF directory (config.json + safetensors)."""
+def read_hf(directory: Path, say: Callable[[str], None] | None = None):
+    """``(cfg, numpy params, tokenizer)`` from an HF directory (config.json + safetensors).
+
+    ``say`` hears a progress message once the config and tensor headers are checked, before the
+    tensors are read.
+    """
     from soljax.lm.safetensors_io import SafetensorsDir
 
     directory = Path(directory)
@@ -32,37 +37,64 @@ def read_hf(directory: Path):
     tensors = SafetensorsDir(directory)
     if cfg.tie_word_embeddings is False and "lm_head.weight" not in tensors.keys():
         cfg = cfg.replace(tie_word_embeddings=True)  # some checkpoints tie without saying so
+    if say is not None:
+        say(f"reading {directory}")
     return cfg, hf_to_params(cfg, tensors), Tokenizer.from_file(tok_path)
 
 
-def read_gguf(path: Path):
-    """``(cfg, numpy params, tokenizer)`` from a GGUF file (tensors dequantized to float32)."""
+def read_gguf(path: Path, say: Callable[[str], None] | None = None):
+    """``(cfg, numpy params, tokenizer)`` from a GGUF file (tensors dequantized to float32);
+    ``say`` as in :func:`read_hf`."""
     from soljax.lm.gguf_io import GGUFTensors, config_from_gguf, open_gguf, tokenizer_json_from_gguf
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
-    return cfg, hf_to_params(cfg, GGUFTensors(reader, cfg)), Tokenizer(tokenizer_json_from_gguf(reader))
+    tensors = GGUFTensors(reader, cfg)
+    if say is not None:
+        say(f"reading {path}")
+    return cfg, hf_to_params(cfg, tensors), Tokenizer(tokenizer_json_from_gguf(reader))
 
 
-def read_checkpoint(src: Path):
+def read_checkpoint(src: Path, say: Callable[[str], None] | None = None):
     src = Path(src)
     if not src.exists():
         raise SoljaxError(f"no such file or directory: {src}")
     if src.is_dir():
-        return read_hf(src)
+        return read_hf(src, say)
     if src.suffix.lower() == ".gguf":
-        return read_gguf(src)
+        return read_gguf(src, say)
     raise SoljaxError(f"{src}: expected a Hugging Face model directory or a .gguf file")
 
 
-def convert(src: Path, out: Path, dtype: str = "float32", quiet: bool = False) -> LMConfig:
-    """Converts ``src`` (HF directory or GGUF file) into a soljax model directory ``out``."""
-    if not quiet:
-        print(f"soljax: reading {src}", file=sys.stderr)
-    cfg, np_params, tokenizer = read_checkpoint(src)
+def check_output_dir(out: Path, force: bool = False) -> None:
+    """Refuses an output path that is a file, or a non-empty directory that is not a soljax model
+    (unless ``force``); an existing soljax model directory is overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SoljaxError(f"{out} exists and is not a directory")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        meta = json.loads((out / "model.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+        raise SoljaxError(f"{out} is a non-empty directory that is not a soljax model: choose another --out "
+                          "or pass --force to write into it")
+
+
+def convert(src: Path, out: Path, dtype: str = "float32", quiet: bool = False, force: bool = False) -> LMConfig:
+    """Converts ``src`` (HF directory or GGUF file) into a soljax model directory ``out``.
+
+    ``out`` may be new, empty or an existing soljax model directory (overwritten); any other
+    non-empty directory is refused unless ``force``.
+    """
+    check_output_dir(out, force)
+    say = None if quiet else (lambda msg: print(f"soljax: {msg}", file=sys.stderr))
+    cfg, np_params, tokenizer = read_checkpoint(src, say)
     cfg = cfg.replace(dtype=dtype)
     params = params_from_numpy(cfg, np_params)
-    if not quiet:
-        print(f"soljax: writing {out}", file=sys.stderr)
+    if say is not None:
+        say(f"writing {out}")
     save_model(out, cfg, params, tokenizer, source=str(Path(src).name))
     return cfg

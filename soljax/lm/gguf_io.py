@@ -54,9 +54,19 @@ def config_from_gguf(reader) -> LMConfig:
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
     scaling = RopeScaling()
-    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind == "linear":
         scaling = RopeScaling(rope_type="linear", factor=float(need("rope.scaling.factor")))
-    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    elif kind not in (None, "none"):
+        raise SoljaxError(f"unsupported GGUF rope scaling type {kind!r} in {arch}.rope.scaling.type "
+                          "(supported: none, linear)")
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise SoljaxError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens "
+                              "(the vocabulary size is unknown)")
+        vocab = len(tokens.data)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return LMConfig(
         arch=_ARCHS[arch],
@@ -125,6 +135,8 @@ def tokenizer_json_from_gguf(reader) -> str:
         raise SoljaxError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE "
                           "'gpt2'); convert from a Hugging Face directory with tokenizer.json")
     tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise SoljaxError("GGUF metadata has no tokenizer.ggml.tokens (the tokenizer's vocabulary)")
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -63,18 +64,36 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(fh.read(n))
         except (ValueError, UnicodeDecodeError):
             raise SoljaxError(f"{path} is corrupt (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise SoljaxError(f"{path} is corrupt (its header is a JSON {type(header).__name__}, not an object)")
     data_start, data_len = 8 + n, size - 8 - n
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = info["data_offsets"]
+            shape = list(info["shape"])
             dtype = np.dtype(_DTYPES[info["dtype"]])
-            count = int(np.prod(info["shape"], dtype=np.int64))
         except (KeyError, TypeError, ValueError):
             raise SoljaxError(f"{path} is corrupt (bad entry for tensor {name!r})") from None
+        if not all(_is_int(x) for x in (begin, end, *shape)) or min(shape, default=0) < 0:
+            raise SoljaxError(f"{path} is corrupt (bad entry for tensor {name!r})")
+        count = math.prod(shape)
+        if begin < 0 or end < begin:
+            raise SoljaxError(f"{path} is corrupt: tensor {name!r} has data_offsets [{begin}, {end}] "
+                              "(need 0 <= begin <= end)")
         if end > data_len:
             raise SoljaxError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
         if end - begin != count * dtype.itemsize:
             raise SoljaxError(f"{path} is corrupt: tensor {name!r} has the wrong byte length")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(ranges, ranges[1:]):
+        if begin < prev_end:
+            raise SoljaxError(f"{path} is corrupt: the data of tensors {prev!r} and {name!r} overlap")
     return header, data_start
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -33,7 +33,7 @@ import optax
 
 from soljax import parallel
 from soljax.compress.actions import AXES
-from soljax.config import TrainConfig, action_grid, policy_config, sparsity_config
+from soljax.config import TrainConfig, action_grid, check_episode_length, policy_config, sparsity_config
 from soljax.control import PolicyController, SOLPolicy, init_policy
 from soljax.distributions import entropy_categorical, kl_categorical, log_prob
 from soljax.engine import episode_usage, rollout
@@ -98,6 +98,7 @@ class Trainer:
         self.plan = parallel.plan_from_config(cfg)  # None: one device, the plain path
         lm_sharding = self.plan.lm_sharding if self.plan else None
         self.lm_cfg, self.lm_params, self.tokenizer = load_lm(cfg, lm_sharding) if lm is None else lm
+        check_episode_length(cfg, self.lm_cfg)
         if self.plan is not None:
             self.lm_params = parallel.place(self.lm_params, self.plan.lm_shardings(self.lm_params))
         if blocks is None:
