@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from golden import NAMES, REF, SCFG, M, schedules  # noqa: E402
+from golden import HIDDEN, NAMES, REF, SCFG, M, schedules  # noqa: E402
 
 from soljax.data.embedded import ensure_embedded_model  # noqa: E402
 from soljax.lm.checkpoint import load_model  # noqa: E402
@@ -65,8 +65,20 @@ def main() -> None:
     variants["8 rows, quantized schedules only"] = q_only
 
     agg = REF["aggregate_8blocks"]["schedules"]
-    result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "schedules": {}}
+    result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "schedules": {}, "golden_block": {}}
     print(f"XLA_FLAGS={result['xla_flags']!r}")
+    # per-step agreement on the golden block, run alone (what the per-step tests check)
+    alone = run_schedules(cfg, SCFG, params, jnp.array([REF["blocks"][0]["token_ids"]]), kappa, rho, bits, M)
+    for name in ("a_dense", "b_keep0.3", "c_prune0.6"):
+        k = NAMES.index(name)
+        diff = np.abs(np.asarray(alone.logprobs[0, k]) - np.array(REF["results"][name]["per_block"][0]["lp_gt"]))
+        result["golden_block"][name] = {"max_abs_step_diff": float(diff.max()),
+                                        "steps_above_1e-3": int((diff > 1e-3).sum())}
+        print(f"golden block {name:12s} max |step diff| {diff.max():.2e}  steps > 1e-3: {(diff > 1e-3).sum()}")
+    kept = np.asarray(alone.kept_keys[0, NAMES.index("b_keep0.3")])
+    ref_kept = HIDDEN["questkept_b_keep0.3"][:, :, 0, :].transpose(1, 0, 2)
+    result["golden_block"]["kept_count_agreement"] = float((kept == ref_kept).mean())
+    print(f"golden block b_keep0.3 kept-key counts equal in {(kept == ref_kept).mean():.4f} of (step, layer, head)")
     for k, name in enumerate(NAMES):
         means = {v: float(a[:, k].mean()) for v, a in variants.items()}
         ref = agg[name]["mean_lp_8row_batch"]

@@ -220,7 +220,7 @@ def _sweep_config(args):
     from soljax.eval.sweep import SweepConfig
 
     kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
-              seed=args.seed, gamma=args.gamma, guard=args.guard)
+              seed=args.seed, gamma=args.gamma, guard=args.guard, split=args.split)
     if args.targets:
         kw["targets"] = parse_targets(args.targets)
     if args.methods:
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal weight (default 0.35)")
     e.add_argument("--seed", type=int, default=0, help="block choice and random schedules")
     e.add_argument("--guard", action="store_true", help=GUARD_HELP)
+    e.add_argument("--split", choices=["valid", "test"], default="test", help="valid: the first 64 shuffled "
+                   "blocks, for choosing settings; test (default): the blocks after them, for reporting")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
     e.set_defaults(fn=cmd_eval_ppl)

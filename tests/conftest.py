@@ -6,7 +6,8 @@ Fixtures:
 - ``tiny_hf_model``: a factory ``make(arch, **options) -> TinyHF`` that builds a tiny random
   ``transformers`` model (fp32, eager attention) with enlarged random weights, saves it as a Hugging
   Face directory (``config.json``, ``model.safetensors``, ``tokenizer.json``) and returns the
-  directory together with the live torch model. Needs torch; tests using it skip without it.
+  directory together with the live torch model. Needs torch: tests using it skip without it, and
+  fail under ``SOLJAX_REQUIRE_ASSETS=1`` (so does any missing extra, see :func:`require`).
 - ``embedded_model``: ``(cfg, params, tokenizer)`` of the converted embedded SmolLM2 model. Skips
   when the GGUF is not in the cache, unless ``SOLJAX_REQUIRE_ASSETS=1`` (then it fails).
 """
@@ -34,13 +35,24 @@ def skip_or_fail(message: str):
     """Skips the test, or fails it when ``SOLJAX_REQUIRE_ASSETS=1`` (assets must be present)."""
     if REQUIRE_ASSETS:
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require(module: str):
+    """Imports and returns an optional dependency: skips the test without it, or fails it when
+    ``SOLJAX_REQUIRE_ASSETS=1`` (the test command installs every extra)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        skip_or_fail(f"{module} is not installed ({e})")
 
 
 def require_torch():
-    """Imports and returns torch, skipping the test (cleanly) when torch/transformers are absent."""
-    torch = pytest.importorskip("torch", exc_type=ImportError)
-    pytest.importorskip("transformers", exc_type=ImportError)
+    """Imports and returns torch, and checks transformers (see :func:`require`)."""
+    torch = require("torch")
+    require("transformers")
     return torch
 
 

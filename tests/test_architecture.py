@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module_graph():
-    grimp = pytest.importorskip("grimp")
+    grimp = require("grimp")
     return grimp.build_graph("soljax")
 
 

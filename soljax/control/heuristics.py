@@ -13,7 +13,8 @@ bracketing ``c_req``, one of them always avoids). So the episode mean ends withi
 of the target, like the fixed baseline's, but compute goes where ``u`` is high.
 
 * **EMC**: ``u = mix * H(p) / log V + (1 - mix) * (1 - (p1 - p2))`` of the LM distribution that
-  predicted the current token (the prefill's at t = 0).
+  predicted the current token (the prefill's at t = 0). The default ``mix = 1`` is the reference
+  implementation's setting: its signal is then the normalized entropy alone.
 * **DAC**: ``u = (1 - cos(h_{t-1}, h_{t-2})) / 2`` of consecutive final-norm hidden states (at
   t = 0 the drift between the embeddings of the last context token and the current token).
 """

@@ -72,18 +72,23 @@ def markdown(result: dict) -> str:
                + ("random_mean", "emc", "dac") if any(m in r["others"] for r in rows)]
     n_blocks = rows[0]["policy"]["blocks"] if rows else (summary["static"][0]["blocks"] if summary["static"] else 0)
     out = ["# SOL evaluation report", ""]
-    out.append(f"Run: `{result.get('run_dir', '?')}`; data: `{cfg.get('data', '?')}`, {n_blocks} blocks of "
+    out.append(f"Run: `{result.get('run_dir', '?')}`; data: `{cfg.get('data', '?')}` ({cfg.get('split', 'test')} "
+               f"split), {n_blocks} blocks of "
                f"{cfg.get('context_len', '?')} context + {cfg.get('rollout_len', '?')} controlled tokens; grid "
                f"{cfg.get('grid', {})}.")
     out.append("Perplexity is over the controlled tokens; baselines are matched to the policy's realized "
                "average usage at each target; brackets are 95% intervals over blocks; the last columns are "
                "the paired per-block difference in nats per token (negative: the policy is better).")
+    if any(m.startswith("random_best") for m in methods):
+        out.append("Best-of-N random is an oracle: for each block, the best of N random schedules is chosen on the "
+                   "evaluation tokens themselves, which no deployable method can do.")
     if cfg.get("guard"):
         out.append("The policy ran with the budget guard: each target was a hard cap on its episode's usage.")
     out += ["", "![perplexity vs net keep](pareto.png)", ""]
     if rows:
-        head = ["target tok/pru/q", "net keep", "policy ppl"] + [f"{m} ppl" for m in methods] + [
-            "policy - fixed", "policy - best random"]
+        head = ["target tok/pru/q", "net keep", "policy ppl"] + [
+            f"{m} (oracle) ppl" if m.startswith("random_best") else f"{m} ppl" for m in methods] + [
+            "policy - fixed", "policy - best random (oracle)"]
         out += ["## Policy vs baselines at matched budgets", "", "| " + " | ".join(head) + " |",
                 "|" + "---|" * len(head)]
         for r in rows:

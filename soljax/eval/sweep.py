@@ -43,6 +43,9 @@ from soljax.errors import SoljaxError
 from soljax.lm.controlled import Controls
 
 METHODS = ("policy", "fixed", "random", "emc", "dac", "dense", "static")
+SPLITS = ("valid", "test")
+#: The evaluation data's first blocks in the seed's shuffled order form the validation split.
+VALID_BLOCKS = 64
 STATIC_KINDS = {"quest": "token", "teal": "prune", "zeroquant": "quant"}
 
 
@@ -52,8 +55,11 @@ class SweepConfig:
     diagonal through the grid), the evaluation ``data`` source, ``num_blocks`` in batches of
     ``batch_size``, ``random_trials`` per target, the ``methods`` to run, ``static`` points
     (``"quest:0.3"``, ``"teal:0.6"``, ``"zeroquant:8"``; empty = one per non-top grid level),
-    the heuristics' ``gamma``, the ``seed`` of the random schedules and block choice, and ``guard``
-    (the policy treats its targets as hard caps: see :class:`~soljax.control.policy.PolicyController`)."""
+    the heuristics' ``gamma``, the ``seed`` of the random schedules and block choice, ``guard``
+    (the policy treats its targets as hard caps: see :class:`~soljax.control.PolicyController`) and
+    the ``split``: the data's blocks are shuffled by ``seed``; the first :data:`VALID_BLOCKS` are
+    ``valid`` (for choosing rewards, learning rates, targets...), ``test`` takes ``num_blocks`` of the
+    blocks after them (for reporting: no choice ever looked at them)."""
 
     targets: tuple[tuple[float, float, float], ...] = ()
     data: str = "eval"
@@ -65,6 +71,7 @@ class SweepConfig:
     gamma: float = 0.35
     seed: int = 0
     guard: bool = False
+    split: str = "test"
 
     def __post_init__(self):
         for name in ("num_blocks", "batch_size", "random_trials"):
@@ -79,6 +86,10 @@ class SweepConfig:
                 raise SoljaxError(f"a target is three fractions in (0, 1] (token, prune, quant ratio), got {t!r}")
         for s in self.static:
             parse_static(s)
+        if self.split not in SPLITS:
+            raise SoljaxError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.split == "valid" and self.num_blocks > VALID_BLOCKS:
+            raise SoljaxError(f"the valid split has {VALID_BLOCKS} blocks, got num_blocks={self.num_blocks}")
         if not isinstance(self.guard, bool):
             raise SoljaxError(f"guard must be true or false, got {self.guard!r}")
         if not 0 <= self.gamma <= 1:
@@ -353,6 +364,16 @@ def write_sweep(result: dict, out_dir: str | Path) -> dict[str, Path]:
     return {"json": out / "sweep.json", "csv": out / "sweep.csv"}
 
 
+def split_blocks(shuffled: np.ndarray, scfg: SweepConfig) -> np.ndarray:
+    """The ``scfg.num_blocks`` blocks of ``scfg.split`` from the data's blocks in shuffled order."""
+    start = 0 if scfg.split == "valid" else VALID_BLOCKS
+    blocks = shuffled[start:start + scfg.num_blocks]
+    if len(blocks) < scfg.num_blocks:
+        raise SoljaxError(f"{scfg.data!r} has {len(shuffled)} blocks: not enough for {scfg.num_blocks} "
+                          f"{scfg.split} blocks after the {VALID_BLOCKS} validation blocks")
+    return blocks
+
+
 def eval_ppl(run_dir: str | Path, scfg: SweepConfig, out_dir: str | Path | None = None, *,
              lm: tuple | None = None, progress: bool = True) -> dict:
     """Loads the run's policy and LM, cuts evaluation blocks, runs the sweep and writes it."""
@@ -363,8 +384,8 @@ def eval_ppl(run_dir: str | Path, scfg: SweepConfig, out_dir: str | Path | None 
     if lm is None:
         lm = load_lm(train_cfg)
     check_episode_length(train_cfg, lm[0])  # before cutting blocks of that length
-    blocks = load_blocks(scfg.data, lm[2], context_len=train_cfg.context_len, rollout_len=train_cfg.rollout_len,
-                         seed=scfg.seed, max_blocks=scfg.num_blocks)
+    blocks = split_blocks(load_blocks(scfg.data, lm[2], context_len=train_cfg.context_len,
+                                      rollout_len=train_cfg.rollout_len, seed=scfg.seed), scfg)
     result = Sweep(lm, train_cfg, policy_vars, scfg).run(blocks, progress=progress)
     result["run_dir"] = str(run_dir)
     result["checkpoint"] = checkpoint_steps(run_dir)[-1]

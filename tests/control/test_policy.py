@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import require_torch
 from soljax.errors import SoljaxError
 from soljax.control.network import (
     PolicyConfig, SOLPolicy, abstract_policy, count_params, init_cache, init_policy, param_count,
@@ -391,7 +392,7 @@ def test_bad_sizes_raise():
 
 
 def test_matches_torch_reference():
-    torch = pytest.importorskip("torch", exc_type=ImportError)
+    torch = require_torch()
     from torch import nn as tnn
 
     class TorchBlock(tnn.Module):

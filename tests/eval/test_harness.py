@@ -17,9 +17,9 @@ from soljax.lm import LMConfig, init_params
 from soljax.lm import model as lm
 from soljax.train import Trainer
 
-from conftest import skip_or_fail
+from conftest import require, skip_or_fail
 
-pytest.importorskip("lm_eval")
+require("lm_eval")
 
 V = 128
 LM_CFG = LMConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

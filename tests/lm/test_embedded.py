@@ -14,7 +14,6 @@ Skipped when the embedded model is not in the cache, unless ``SOLJAX_REQUIRE_ASS
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import skip_or_fail
 from soljax import lm
 from soljax.data import assets
 from soljax.eval.ppl import perplexity
@@ -40,10 +40,6 @@ GOLDEN_LP_TOL = 1e-3
 CAPACITY = GOLDEN["context"] + GOLDEN["steps"]  # one cache size (and decode compile) for all tests
 
 
-def skip_or_fail(message: str):
-    if os.environ.get("SOLJAX_REQUIRE_ASSETS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

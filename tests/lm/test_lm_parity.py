@@ -4,7 +4,7 @@ Each variant is built in the test (no download), saved as a Hugging Face directo
 ``soljax.lm.convert.convert`` and loaded with ``load_model``. Checked per variant: full-sequence
 logits, prefill followed by decode steps, right-padded batches of mixed lengths (forward, prefill,
 decode and ``extend``), and the export back to HF names. Perplexity windows are checked against an
-independent torch computation. Skips cleanly without torch.
+independent torch computation. Needs torch (see ``conftest.require``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import zlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", exc_type=ImportError)
-pytest.importorskip("transformers", exc_type=ImportError)
+from conftest import require_torch
+
+torch = require_torch()
 
 import jax.numpy as jnp  # noqa: E402
 

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require, require_torch
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 NEEDS_TORCH = {"03_convert_hf.ipynb"}
 
 
 def _execute(path: Path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat = require("nbformat")
+    nbclient = require("nbclient")
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
@@ -27,7 +29,7 @@ def _execute(path: Path):
 
 
 def test_notebooks_are_stored_without_outputs():
-    nbformat = pytest.importorskip("nbformat")
+    nbformat = require("nbformat")
     assert {"01_quickstart.ipynb", "02_schedule_sampling.ipynb", "03_convert_hf.ipynb"} <= {p.name for p in NOTEBOOKS}
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
@@ -47,8 +49,7 @@ def test_notebook_executes(path, embedded_model):
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name in NEEDS_TORCH],
                          ids=[p.name for p in NOTEBOOKS if p.name in NEEDS_TORCH])
 def test_torch_notebook_executes(path):
-    pytest.importorskip("torch", exc_type=ImportError)
-    pytest.importorskip("transformers", exc_type=ImportError)
+    require_torch()
     nb = _execute(path)
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "greedy continuations match" in printed
