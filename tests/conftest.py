@@ -2,6 +2,7 @@
 
 Fixtures:
 
+- ``tiny_lm(seed, scale, **overrides)`` (a function): ``(LMConfig, params)`` of a tiny random soljax LM.
 - ``word_tokenizer_json``: ``make(vocab_size) -> str``, a ``tokenizers`` JSON with that many words.
 - ``tiny_hf_model``: a factory ``make(arch, **options) -> TinyHF`` that builds a tiny random
   ``transformers`` model (fp32, eager attention) with enlarged random weights, saves it as a Hugging
@@ -68,6 +69,22 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+# ----------------------------------------------------------------------------- tiny soljax LMs
+
+TINY_LM = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+               head_dim=8)
+
+
+def tiny_lm(seed: int = 0, scale: float = 0.3, **overrides):
+    """``(LMConfig, params)`` of a tiny random soljax LM (GQA, 2 layers; ``overrides`` are config fields)."""
+    import jax
+
+    from soljax.lm import LMConfig, init_params
+
+    cfg = LMConfig(**{**TINY_LM, **overrides})
+    return cfg, init_params(cfg, jax.random.PRNGKey(seed), scale=scale)
 
 
 # ----------------------------------------------------------------------------- tiny HF models

@@ -118,7 +118,7 @@ def load_model(directory: Path, dtype: str | None = None, sharding=None):
     ``dtype`` ("float32" or "bfloat16") overrides the stored parameter dtype; ``sharding`` is
     passed to :func:`soljax.lm.params.abstract_params`.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     cfg = load_config(directory)
     stored = abstract_params(cfg, sharding)
     params = restore_params(directory / "params", stored)

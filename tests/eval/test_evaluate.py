@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_lm
 from soljax.control.budget import axis_levels
 from soljax.cli import main
 from soljax.compress.actions import ActionGrid
@@ -19,16 +20,14 @@ from soljax.compress.targets import parse_targets
 from soljax.eval.sweep import Sweep, SweepConfig, default_static, default_targets
 from soljax.plots import pareto_front
 from soljax.control.heuristics import DriftController, EntropyMarginController, guarded_choice
-from soljax.lm import LMConfig, init_params
 from soljax.lm import model as lm
 from soljax.control.network import init_policy
 from soljax.eval.report import load_sweep, markdown
 from soljax.engine import episode_usage, rollout
 from soljax.config import action_grid, policy_config, sparsity_config
 
-LM_CFG = LMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8)
-LM = (LM_CFG, init_params(LM_CFG, jax.random.PRNGKey(0), scale=0.3), None)
+LM_CFG, LM_PARAMS = tiny_lm()
+LM = (LM_CFG, LM_PARAMS, None)
 M, T = 16, 8
 CFG = TrainConfig.load(None, [f"context_len={M}", f"rollout_len={T}", "policy_d_model=32", "policy_n_heads=2",
                               "policy_max_len=8", "quest_page_size=4", "Ts=1", "Tw=1", "keep_fracs=[0.1,0.5,1.0]",

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_lm
 from soljax.data import assets
 from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
 from soljax.serve.generate import generate
 from soljax.eval.harness import _cloze_docs, _mmlu_docs, make_sol_lm, run_downstream
 from soljax.runs import controlled_model
-from soljax.lm import LMConfig, init_params
 from soljax.lm import model as lm
 from soljax.train import Trainer
 
@@ -22,9 +22,7 @@ from conftest import require, skip_or_fail
 require("lm_eval")
 
 V = 128
-LM_CFG = LMConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, eos_token_ids=(0,))
-PARAMS = init_params(LM_CFG, jax.random.PRNGKey(0), scale=0.3)
+LM_CFG, PARAMS = tiny_lm(vocab_size=V, eos_token_ids=(0,))
 
 
 class CharTokenizer:

@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_lm
 from soljax.errors import SoljaxError
 from soljax.distributions import sample_token
 from soljax.serve.generate import generate
-from soljax.lm import LMConfig, decode_step, init_params, logits, prefill
+from soljax.lm import decode_step, logits, prefill
 
-CFG = LMConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-               num_kv_heads=1, head_dim=8)
-PARAMS = init_params(CFG, jax.random.PRNGKey(3), scale=0.3)
+CFG, PARAMS = tiny_lm(seed=3, vocab_size=61, num_kv_heads=1)
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 8, 4, 11, 13, 2], [20]]
 
 

@@ -6,15 +6,14 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tiny_lm
 from soljax.config import TrainConfig, updates_per_batch
 from soljax.errors import SoljaxError
-from soljax.lm import LMConfig, init_params
 from soljax.train.trainer import Trainer, sample_targets
 from soljax.runs import load_policy
 
-LM_CFG = LMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8)
-LM = (LM_CFG, init_params(LM_CFG, jax.random.PRNGKey(0), scale=0.3), None)
+LM_CFG, LM_PARAMS = tiny_lm()
+LM = (LM_CFG, LM_PARAMS, None)
 BLOCKS = np.random.default_rng(0).integers(0, 97, (40, 16 + 4 + 1))
 SMALL = ["context_len=16", "rollout_len=4", "batch_size=2", "grpo_rollouts_per_input=4", "policy_d_model=32",
          "policy_n_heads=2", "policy_max_len=8", "ppo_target_batch_size=64", "ppo_minibatch_size=16",
