@@ -14,8 +14,12 @@ from soljax.errors import SoljaxError
 
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
-GUARD_HELP = ("budget guard: the targets become hard caps (the policy may only choose actions that leave the "
-              "episode able to end at or below every target)")
+GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage of every axis. Generating "
+              "(generate, generate_until requests), the mean usage of the tokens so far is at or below every "
+              "target after every token, so output cut at EOS or a stop string is within them; scoring "
+              "(eval ppl, loglikelihood requests), every episode of the known continuation ends at or below "
+              "them. A target below the run grid's cheapest level cannot be capped: generate and eval "
+              "downstream refuse it, eval ppl holds that axis at the cheapest level")
 
 
 def _model_dir(arg: str | None) -> Path:

@@ -4,13 +4,14 @@
 * :mod:`~soljax.control.policy`: the SOL policy (:mod:`~soljax.control.network`) as a controller;
 * :mod:`~soljax.control.heuristics`: EMC and DAC, budget-matched handcrafted allocation;
 * :mod:`~soljax.control.baselines`: budget-matched fixed and random schedules (numpy);
-* :mod:`~soljax.control.budget`: action costs, axis levels, the budget guard's feasibility test.
+* :mod:`~soljax.control.budget`: action costs, axis levels, the budget guard's feasibility tests and
+  the targets it cannot cap.
 
 Every controller implements :class:`soljax.engine.observe.Controller`.
 """
 
 from soljax.control.baselines import block_phases, bracket, fixed_schedule, random_schedule
-from soljax.control.budget import action_costs, axis_levels, within_budget
+from soljax.control.budget import action_costs, axis_levels, check_guard_targets, within_budget, within_running_budget
 from soljax.control.given import GivenActions, GivenControls, GridController
 from soljax.control.heuristics import DriftController, EntropyMarginController
 from soljax.control.network import PolicyConfig, SOLPolicy, init_policy
@@ -20,6 +21,6 @@ from soljax.control.registry import CONTROLLERS, make_controller, register_contr
 __all__ = [
     "CONTROLLERS", "DriftController", "EntropyMarginController", "GivenActions", "GivenControls",
     "GridController", "PolicyConfig", "PolicyController", "SOLPolicy", "action_costs", "axis_levels",
-    "block_phases", "bracket", "fixed_schedule", "init_policy", "make_controller", "random_schedule",
-    "register_controller", "within_budget",
+    "block_phases", "bracket", "check_guard_targets", "fixed_schedule", "init_policy", "make_controller",
+    "random_schedule", "register_controller", "within_budget", "within_running_budget",
 ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from soljax.compress.actions import ActionGrid
+from soljax.compress.actions import AXES, ActionGrid
+from soljax.errors import SoljaxError
 
 
 def action_costs(grid: ActionGrid) -> jnp.ndarray:
@@ -49,3 +50,32 @@ def within_budget(grid: ActionGrid, targets, usage_sum, count, remaining) -> jnp
     cap = targets * (count[..., None] + R) - usage_sum - (R - 1) * lowest  # [..., 3]
     cap = jnp.maximum(cap, lowest) + 1e-6
     return jnp.all(costs <= cap[..., None, :], axis=-1)
+
+
+def within_running_budget(grid: ActionGrid, targets, usage_sum, count) -> jnp.ndarray:
+    """``[..., A]``: the actions after which the running mean usage stays at or below the targets.
+
+    The prefix form of :func:`within_budget`: an action is allowed when, on every axis,
+    ``usage_sum + its usage <= target * (count + 1)`` (no step spends what earlier steps have not
+    saved), so the mean over every prefix of the effective steps is within the targets wherever the
+    steps stop. Each axis's cheapest level is always allowed (a target below the grid holds the
+    mean at the cheapest level).
+    """
+    return within_budget(grid, targets, usage_sum, count, jnp.ones_like(jnp.asarray(count)))
+
+
+def check_guard_targets(grid: ActionGrid, targets) -> None:
+    """Raises :class:`SoljaxError` if a target ``[3]`` or ``[B, 3]`` (token keep, prune keep, quant
+    ratio) lies below its axis's cheapest level on ``grid``: no guard can cap the usage there."""
+    floors = np.array([lv.min() for lv in axis_levels(grid)])
+    tgt = np.asarray(targets, np.float64).reshape(-1, 3)
+    low = [a for a in range(3) if (tgt[:, a] < floors[a] - 1e-6).any()]
+    if not low:
+        return
+
+    def show(axis: int, v: float) -> str:
+        return f"{v:.4g} ({16 * v:.3g} bits)" if AXES[axis] == "quant" else f"{v:.4g}"
+
+    what = "; ".join(f"{AXES[a]} {'ratio' if AXES[a] == 'quant' else 'keep'} {show(a, tgt[:, a].min())} is below "
+                     f"the grid's cheapest level {show(a, floors[a])}" for a in low)
+    raise SoljaxError(f"the budget guard cannot cap usage below the action grid: {what} (raise the target)")

@@ -238,8 +238,9 @@ def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("s
                    batch_size: int = 8, out_dir: str | Path | None = None, progress: bool = True,
                    mmlu_per_subject: int = 20, cloze: int = 60, lm: tuple | None = None, guard: bool = False) -> dict:
     """Accuracy of each mode on each task at each target; the fixed baseline is matched to the
-    policy's realized usage at the same target; ``guard`` makes the targets hard caps for the policy.
-    Writes ``downstream.json``."""
+    policy's realized usage at the same target; ``guard`` makes the targets hard caps for the policy
+    (per episode when scoring, after every token in ``generate_until``; a target below the run
+    grid's cheapest level is refused). Writes ``downstream.json``."""
     import os
 
     if all(t.startswith("soljax_") for t in tasks):  # local data only: never wait on the hub
@@ -255,11 +256,13 @@ def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("s
     if lm is None:
         lm = load_lm(run_config(run_dir))
     cfg, params, tok = lm
+    targets = [tuple(map(float, t)) for t in np.atleast_2d(np.asarray(targets, np.float64))]
+    if guard and "policy" in modes:  # refuse a target the guard cannot cap before anything runs
+        controlled_model(cfg, params, run_dir, guard=True).controller.check_targets(np.asarray(targets))
     out = Path(out_dir or Path(run_dir) / "downstream")
     include = offline_tasks(out / "tasks", mmlu_per_subject=mmlu_per_subject, cloze=cloze)
     manager = TaskManager(include_path=str(include))
     max_len = min(cfg.max_position_embeddings, 2048)
-    targets = [tuple(map(float, t)) for t in np.atleast_2d(np.asarray(targets, np.float64))]
     rows = []
 
     def evaluate(mode: str, tgt) -> dict:

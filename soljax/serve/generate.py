@@ -163,7 +163,8 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
          finished: Callable[[dict], bool] | None = None) -> dict[str, np.ndarray]:
     """Episodes until ``n_steps`` steps are done or ``finished(outputs so far)`` -> EpisodeOut fields
     as numpy ``[B, steps done]``. ``counted_b``: the steps each row keeps (default ``n_steps``); later
-    steps are not effective, so budgets are spent on the kept ones only."""
+    steps are not effective, so budgets are spent on the kept ones only. A controller with a
+    ``check_targets(targets [B, 3])`` method (the guarded policy) may refuse the targets first."""
     cfg, T = model.cfg, model.episode_len
     B = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -178,6 +179,9 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
         tokens[i, : len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
     targets_b3 = as_targets(targets, B)
+    check = getattr(model.controller, "check_targets", None)
+    if check is not None:  # a guarded policy refuses targets it cannot cap
+        check(targets_b3)
     ctrl_params = model.params_for(targets_b3)
     forced = np.zeros((B, n_ep * T), np.int32)
     force = np.zeros((B, n_ep * T), bool)
@@ -223,6 +227,11 @@ def controlled_generate(model: ControlledModel, prompts: list[list[int]], max_ne
     stops at an EOS id (kept) or once its decoded text (``decode``) contains a stop string (the
     text is cut before it; the tokens end with the one that completed it). Decoding ends when every
     row has stopped (checked after each episode).
+
+    Since a row may stop after any step, a controller with an ``open_ended()`` method decodes as
+    the controller it returns: a guarded policy then keeps its caps after every step
+    (:meth:`~soljax.control.PolicyController.open_ended`), so the realized usage of the tokens a
+    row produced is at or below the targets on every axis however it stopped.
     """
     _check_sequences(prompts, "prompt")
     if max_new_tokens < 1:
@@ -231,6 +240,9 @@ def controlled_generate(model: ControlledModel, prompts: list[list[int]], max_ne
         raise SoljaxError("temperature must be >= 0 and top_p in (0, 1]")
     if stop and decode is None:
         raise SoljaxError("stop strings need a decode function (token ids -> text)")
+    open_ended = getattr(model.controller, "open_ended", None)
+    if open_ended is not None:
+        model = dataclasses.replace(model, controller=open_ended())
     eos = set(int(e) for e in eos_ids)
     ends: dict[int, tuple[int, str]] = {}
 
@@ -268,6 +280,8 @@ def score_continuations(model: ControlledModel, contexts: list[list[int]], conti
     token, in episodes of ``model.episode_len`` with dense replay, budget tracking restarting per
     row (the reference's loglikelihood path). Rows are independent: batching changes nothing but
     speed. ``targets``: [3] or [B, 3]. Contexts longer than the model allows must be cut by the caller.
+    The continuations' lengths are known, so a guarded policy keeps its episode-level caps here:
+    each episode's counted steps, and so every continuation's, end at or below the targets.
     """
     _check_sequences(contexts, "context")
     _check_sequences(continuations, "continuation")

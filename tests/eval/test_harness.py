@@ -122,3 +122,10 @@ def test_downstream_runs_policy_fixed_and_dense(offline_data, run_dir, tmp_path)
     assert res["guard"]
     assert all(pol["usage"][a] <= t + 1e-5 for a, t in zip(("token", "prune", "quant"), (0.5, 0.8, 0.5)))
     assert (tmp_path / "downstream.json").is_file()
+
+
+def test_downstream_guard_refuses_a_target_below_the_grid_before_running(run_dir, tmp_path):
+    with pytest.raises(SoljaxError, match=r"token keep 0\.05 is below the grid's cheapest level"):
+        run_downstream(run_dir, [(0.5, 0.8, 0.5), (0.05, 0.8, 0.5)], limit=3, out_dir=tmp_path, progress=False,
+                       lm=LM, guard=True)
+    assert not any(tmp_path.iterdir())  # nothing was evaluated or written

@@ -2,6 +2,7 @@
 replay, teacher-forced scoring, ``soljax generate --policy``)."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,8 @@ from soljax.control import GivenControls, PolicyController  # noqa: E402
 from soljax.engine.episodes import ControlledModel, run_episode, start  # noqa: E402
 from soljax.runs import load_controlled  # noqa: E402
 from soljax.compress.targets import parse_target as parse_targets  # noqa: E402
-from soljax.serve.generate import controlled_generate, dense_logprobs, score_continuations  # noqa: E402
+from soljax.serve.generate import (controlled_generate, dense_logprobs, realized_budget,  # noqa: E402
+                                   score_continuations)
 from soljax.lm.checkpoint import save_model  # noqa: E402
 from soljax.lm.controlled import Controls, SparsityConfig  # noqa: E402
 from soljax.control.network import PolicyConfig, init_policy  # noqa: E402
@@ -202,6 +204,52 @@ def test_controlled_eos_and_stop_strings():
     assert out.text == decode(ref[: ref.index(ref[6])])
 
 
+def _dense_loving(variables):
+    """Policy variables that prefer the dense action by a wide margin (they overspend any target)."""
+    out = jax.tree.map(lambda a: a, variables)
+    out["params"]["pi_head"]["bias"] = variables["params"]["pi_head"]["bias"].at[GRID.dense_idx].add(20.0)
+    return out
+
+
+GUARDED = ControlledModel(CFG, PARAMS, SCFG, PolicyController(grid=GRID, policy=PCFG, greedy=True, guard=True),
+                          _dense_loving(VARIABLES), T)
+CAPS = (0.5, 0.8, 0.5)
+
+
+def _within(budget, caps=CAPS) -> bool:
+    return all(budget[a] <= c + 1e-6 for a, c in zip(("token", "prune", "quant"), caps))
+
+
+def test_guarded_generation_stays_within_the_targets_wherever_it_stops():
+    full = controlled_generate(GUARDED, PROMPTS5, 12, CAPS)
+    for g in full:  # every stopping point, mid-episode ones included
+        for n in range(1, len(g.tokens) + 1):
+            b = realized_budget(g.usage[:n], g.effective[:n])
+            assert b["effective_steps"] == 0 or _within(b), (n, b)
+    # the guard leaves the policy room: some steps still get full compute on some axis
+    assert any((g.usage[g.effective] == 1).any() for g in full)
+    # a real EOS after the second token, and a stop string after the third: both mid-episode
+    ref = full[1].tokens
+    (got,) = controlled_generate(GUARDED, [PROMPTS5[1]], 12, CAPS, eos_ids=(ref[1],))
+    assert got.stop_reason == "eos" and got.tokens == ref[: ref.index(ref[1]) + 1] and len(got.tokens) < T
+    assert got.budget["effective_steps"] == len(got.tokens) and _within(got.budget), got.budget
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    (got,) = controlled_generate(GUARDED, [PROMPTS5[1]], 12, CAPS, stop=[f"<{ref[2]}>"], decode=decode)
+    assert got.stop_reason == "stop" and len(got.tokens) < T and _within(got.budget), got.budget
+
+
+def test_the_guard_refuses_targets_below_the_grid():
+    with pytest.raises(SoljaxError, match=r"token keep 0\.05 is below the grid's cheapest level 0\.1 "):
+        controlled_generate(GUARDED, PROMPTS5, 4, (0.05, 0.8, 0.5))
+    with pytest.raises(SoljaxError, match=r"quant ratio 0\.25 \(4 bits\) is below the grid's cheapest level "
+                                          r"0\.3125 \(5 bits\)"):
+        score_continuations(GUARDED, PROMPTS5, [[1]] * 5, [(0.5, 0.8, 0.5)] * 4 + [(0.5, 0.8, 0.25)])
+    # the floor itself can be held; unguarded, a target below the grid is only a request
+    for g in controlled_generate(GUARDED, PROMPTS5, 4, (0.1, 0.6, 0.3125)):
+        assert _within(g.budget, (0.1, 0.6, 0.3125)), g.budget
+    assert len(controlled_generate(POLICY, PROMPTS5, 4, (0.05, 0.6, 0.5))) == 5
+
+
 @pytest.mark.parametrize("text", ["0.5,0.6", "0.5,x,8", "0,0.5,0.5", "0.5,0.5,17", "0.5,1.5,8"])
 def test_bad_targets(text):
     with pytest.raises(SoljaxError):
@@ -234,7 +282,8 @@ def policy_run(tmp_path_factory, word_tokenizer_json):
                                    "policy_n_heads=2", "policy_max_len=8", "quest_page_size=4", "Ts=1", "Tw=1"])
     writer = RunWriter(root / "run", tcfg)
     writer.start_fresh()
-    writer.save({"policy": VARIABLES, "batch": jnp.asarray(1)})
+    saved = {"policy": VARIABLES, "batch": jnp.asarray(1)}  # the checkpoint leaves a run's policy is read from
+    writer.save(types.SimpleNamespace(batch=saved["batch"], to_tree=lambda: saved))
     writer.close()
     return root
 
@@ -272,6 +321,14 @@ def test_cli_generate_with_the_budget_guard_stays_within_the_targets(policy_run,
         assert all(budget[a] <= t + 1e-5 for a, t in zip(("token", "prune", "quant"), targets)), budget
     assert cli.main(argv + ["--targets", "0.5,0.6,8", "--controller", "fixed"]) == 2
     assert "guard applies to the policy" in capsys.readouterr().err
+
+
+def test_cli_generate_guard_refuses_a_target_below_the_grid(policy_run, capsys):
+    rc = cli.main(["generate", "--policy", str(policy_run / "run"), "--prompt", "w5 w9 w3", "--guard",
+                   "--targets", "0.5,0.6,4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "quant ratio 0.25 (4 bits) is below the grid's cheapest level 0.3125 (5 bits)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,needle", [
