@@ -18,8 +18,7 @@ GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage 
               "(generate, generate_until requests), the mean usage of the tokens so far is at or below every "
               "target after every token, so output cut at EOS or a stop string is within them; scoring "
               "(eval ppl, loglikelihood requests), every episode of the known continuation ends at or below "
-              "them. A target below the run grid's cheapest level cannot be capped: generate and eval "
-              "downstream refuse it, eval ppl holds that axis at the cheapest level")
+              "them. A target below the run grid's cheapest level cannot be capped and is refused")
 
 
 def _model_dir(arg: str | None) -> Path:

@@ -198,6 +198,7 @@ class Sweep:
         self.policy = PolicyController(grid=self.grid, policy=policy_config(train_cfg), greedy=True,
                                        guard=scfg.guard)
         self.targets = scfg.targets or default_targets(self.grid)
+        self.policy.check_targets(np.asarray(self.targets))  # a guard cannot cap below the grid
         self.static = scfg.static if scfg.static else default_static(self.grid)
         self.M, self.T = train_cfg.context_len, train_cfg.rollout_len
 

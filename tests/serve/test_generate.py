@@ -2,7 +2,6 @@
 replay, teacher-forced scoring, ``soljax generate --policy``)."""
 
 import json
-import types
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +88,7 @@ from soljax.lm.controlled import Controls, SparsityConfig  # noqa: E402
 from soljax.control.network import PolicyConfig, init_policy  # noqa: E402
 from soljax.engine.rollout import rollout  # noqa: E402
 from soljax.lm.tokenizer import Tokenizer  # noqa: E402
-from soljax.train.writer import RunWriter  # noqa: E402
+from soljax.train import Buffer, RunWriter, TrainState  # noqa: E402
 
 T = 4
 SCFG = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1)
@@ -282,8 +281,9 @@ def policy_run(tmp_path_factory, word_tokenizer_json):
                                    "policy_n_heads=2", "policy_max_len=8", "quest_page_size=4", "Ts=1", "Tw=1"])
     writer = RunWriter(root / "run", tcfg)
     writer.start_fresh()
-    saved = {"policy": VARIABLES, "batch": jnp.asarray(1)}  # the checkpoint leaves a run's policy is read from
-    writer.save(types.SimpleNamespace(batch=saved["batch"], to_tree=lambda: saved))
+    zero = jnp.zeros((), jnp.int32)
+    writer.save(TrainState(policy=VARIABLES, ref={}, opt={}, grad_acc={}, accum=zero, buffer=Buffer.zeros(1, 1, 1, 1),
+                           fill=zero, batch=zero + 1, updates=zero, key=jax.random.PRNGKey(0)))
     writer.close()
     return root
 
