@@ -134,8 +134,11 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """A fresh training state (on a mesh: created in its shardings by one compiled call;
-        every process computes the same values from the seed)."""
-        return self._init_state_impl() if self.plan is None else self._init_sharded()
+        every process computes the same values from the seed). On one device it is committed to
+        it, like the compiled steps' outputs and a restored checkpoint, so the steps compile once."""
+        if self.plan is None:
+            return jax.device_put(self._init_state_impl(), jax.devices()[0])
+        return self._init_sharded()
 
     def _init_state_impl(self) -> TrainState:
         cfg = self.cfg

@@ -1,6 +1,12 @@
-"""GRPO trainer: update arithmetic, exact resume after a kill, config and input errors."""
+"""GRPO trainer: update arithmetic, bit-exact resume after ``soljax train`` is killed, config and
+input errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,8 +15,11 @@ import pytest
 from soljax.config import TrainConfig, updates_per_batch
 from soljax.errors import SoljaxError
 from soljax.lm import LMConfig, init_params
+from soljax.lm.checkpoint import save_model
+from soljax.lm.tokenizer import Tokenizer
+from soljax.runs import checkpoint_steps, load_checkpoint, load_policy, read_metrics
 from soljax.train.trainer import Trainer, sample_targets
-from soljax.runs import load_policy
+from soljax.train.writer import KILL_AT_ENV, RunWriter
 
 LM_CFG = LMConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
@@ -24,10 +33,6 @@ SMALL = ["context_len=16", "rollout_len=4", "batch_size=2", "grpo_rollouts_per_i
 
 def _trainer(*overrides):
     return Trainer(TrainConfig.load(None, SMALL + list(overrides)), lm=LM, blocks=BLOCKS)
-
-
-class Kill(Exception):
-    pass
 
 
 def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
@@ -56,25 +61,114 @@ def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
     assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["clip_frac"] == 0 for r in rows if "ratio_mean" in r)
 
 
-def test_kill_after_second_checkpoint_then_resume_equals_uninterrupted(tmp_path):
-    full = _trainer().run(tmp_path / "full", progress=False)
-    saves = []
+# ----------------------------------------------------------------------------------------------
+# Killing `soljax train` (SIGKILL, SIGINT) and resuming: bit for bit the uninterrupted run
 
-    def kill_after_second_checkpoint(state, metrics):
-        ckpts = tmp_path / "cut" / "checkpoints"
-        saves[:] = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
-        if len(saves) >= 2:
-            raise Kill()
+# 2 blocks x 4 schedules x 4 steps = 32 entries per batch; the buffer needs 96 -> 3 batches, 24
+# episodes in 6 minibatches of 4, an update every 5 minibatches: after batches 3, 6, 9 the
+# accumulator holds 1, 2, 3 minibatches (an accumulation always pending), one checkpoint per update
+# (at batches 3, 6, 9) and the final one at batch 11, in the middle of the fourth buffer.
+KILL_RUN = ["context_len=16", "rollout_len=4", "batch_size=2", "grpo_rollouts_per_input=4", "policy_d_model=32",
+            "policy_n_heads=2", "policy_max_len=8", "ppo_target_batch_size=96", "ppo_minibatch_size=16",
+            "grad_accum_steps=5", "quest_page_size=4", "Ts=1", "Tw=1", "checkpoint_every=1", "max_batches=11",
+            "keep_checkpoints=20", "lr=1e-3", "lr_schedule=cosine", "warmup_updates=1"]
+KILL_BATCHES = 11
+TIMING = {"rollout_s", "learn_s", "schedule_steps_per_s"}
+TMP = ".orbax-checkpoint-tmp"
 
-    with pytest.raises(Kill):
-        _trainer().run(tmp_path / "cut", progress=False, on_batch=kill_after_second_checkpoint)
-    assert saves == [2, 4]
-    resumed = _trainer().run(tmp_path / "cut", resume=True, progress=False)
-    assert int(resumed["batch"]) == int(full["batch"])
-    for a, b in zip(jax.tree.leaves(full["policy"]), jax.tree.leaves(resumed["policy"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln)["batch"] for ln in lines] == list(range(1, 9))
+
+@pytest.fixture(scope="module")
+def kill_env(tmp_path_factory, word_tokenizer_json):
+    """The tiny LM as a model directory, a text file of its words, the overrides and environment
+    for ``soljax train`` subprocesses (one compilation cache for all of them), and the run of the
+    uninterrupted reference."""
+    root = tmp_path_factory.mktemp("kill")
+    save_model(root / "model", LM_CFG, LM[1], Tokenizer(word_tokenizer_json(LM_CFG.vocab_size)))
+    words = np.random.default_rng(1).integers(1, LM_CFG.vocab_size, 24 * 21)
+    (root / "data.txt").write_text(" ".join(f"w{i}" for i in words))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SOLJAX_CACHE_DIR=str(root / "cache"),
+               XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop(KILL_AT_ENV, None)
+    overrides = [f"model={root / 'model'}", f"data={root / 'data.txt'}", *KILL_RUN]
+    kill = {"root": root, "env": env, "overrides": overrides}
+    assert _train(kill, root / "reference").returncode == 0
+    return kill
+
+
+def _train(kill: dict, out: Path, *, resume: bool = False, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``soljax train`` into ``out`` in a subprocess, stopping itself at ``kill_at`` (SOLJAX_KILL_AT)."""
+    env = dict(kill["env"], **({KILL_AT_ENV: kill_at} if kill_at else {}))
+    cmd = [sys.executable, "-m", "soljax.cli", "train", "--quiet", "--out", str(out), *kill["overrides"]]
+    proc = subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
+                          timeout=600)
+    if kill_at is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _batches(run: Path) -> list[int]:
+    return [row["batch"] for row in read_metrics(run / "metrics.jsonl")]
+
+
+def _assert_same_states(a: dict, b: dict, where: str) -> None:
+    """Every leaf (policy, ref, opt, grad_acc, accum, buffer, fill, batch, updates, key) equal, bit for bit."""
+    flat_a, flat_b = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (a, b))
+    assert flat_a.keys() == flat_b.keys(), where
+    for path, leaf in flat_a.items():
+        x, y = np.asarray(leaf), np.asarray(flat_b[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, (where, jax.tree_util.keystr(path))
+        assert x.tobytes() == y.tobytes(), f"{where}: {jax.tree_util.keystr(path)} differs"
+
+
+# scenario -> the SOLJAX_KILL_AT of each interrupted attempt (the run is then resumed to the end)
+KILLS = {
+    # SIGKILL after batch 5: checkpoint 3 is the latest, the buffer holds batches 4-5 and one
+    # minibatch's gradient is accumulated; batches 4-5 are redone
+    "between-checkpoints-mid-buffer": ["batch:5"],
+    # SIGKILL while the first checkpoint is written (the resumed run has none: it starts afresh),
+    # then while checkpoint 6 is written (resumed from 3); a torn metrics line is left behind too
+    "during-checkpoint-writes": ["save:3", "save:6"],
+    # SIGINT after batch 7 (Ctrl-C): the state is saved mid-buffer (batch 7 in it, 2 minibatches
+    # accumulated) and resumed from there
+    "interrupt-mid-buffer": ["interrupt:7"],
+}
+
+
+@pytest.mark.parametrize("scenario", list(KILLS))
+def test_killed_training_resumes_bit_for_bit(kill_env, tmp_path, scenario):
+    ref, run = kill_env["root"] / "reference", tmp_path / "run"
+    for i, point in enumerate(KILLS[scenario]):
+        proc = _train(kill_env, run, resume=i > 0, kill_at=point)
+        kind, n = point.split(":")
+        want = 130 if kind == "interrupt" else -signal.SIGKILL
+        assert proc.returncode == want, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        ckpts = run / "checkpoints"
+        if kind == "save":  # killed with the checkpoint written but not committed
+            assert (ckpts / f"{n}{TMP}").is_dir() and not (ckpts / n).exists()
+            assert int(n) not in checkpoint_steps(run)
+            assert _batches(run)[-1] == int(n)
+            with open(run / "metrics.jsonl", "a") as fh:  # a line torn by the kill
+                fh.write('{"batch": %d, "reward_me' % (int(n) + 1))
+        else:
+            assert _batches(run) == list(range(1, int(n) + 1))
+        if kind == "interrupt":
+            assert checkpoint_steps(run)[-1] == int(n) and "saved at batch" in proc.stderr
+    _train(kill_env, run, resume=True)
+    assert not [p.name for p in (run / "checkpoints").iterdir() if TMP in p.name]
+    # every checkpoint the reference has, and the final one, equal bit for bit
+    steps = checkpoint_steps(ref)
+    assert steps == [3, 6, 9, KILL_BATCHES] and set(steps) <= set(checkpoint_steps(run))
+    for step in steps:
+        _assert_same_states(load_checkpoint(ref, step), load_checkpoint(run, step), f"checkpoint {step}")
+    final = load_checkpoint(run)
+    assert int(final["batch"]) == KILL_BATCHES and int(final["fill"]) == 16 and int(final["accum"]) == 3
+    # exactly one metrics row per batch, each equal to the reference's (but for timings)
+    rows, ref_rows = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
+    assert [r["batch"] for r in rows] == list(range(1, KILL_BATCHES + 1)) == [r["batch"] for r in ref_rows]
+    for r, q in zip(rows, ref_rows):
+        assert {k: v for k, v in r.items() if k not in TIMING} == {k: v for k, v in q.items() if k not in TIMING}
+    assert (run / "metrics.jsonl").read_text().endswith("}\n")
 
 
 def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path):
