@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -77,11 +78,48 @@ TIMING = {"rollout_s", "learn_s", "schedule_steps_per_s"}
 TMP = ".orbax-checkpoint-tmp"
 
 
+# scenario -> the SOLJAX_KILL_AT of each stopped attempt (then the run is resumed to the end)
+KILLS = {
+    # SIGKILL after batch 5: checkpoint 3 is the latest, the buffer holds batches 4-5 and one
+    # minibatch's gradient is accumulated; batches 4-5 are redone
+    "between-checkpoints-mid-buffer": ["batch:5"],
+    # SIGKILL while the first checkpoint is written (the resumed run has none: it starts afresh),
+    # then while checkpoint 6 is written (resumed from 3); each leaves a torn metrics line too
+    "during-checkpoint-writes": ["save:3", "save:6"],
+    # SIGINT after batch 7 (Ctrl-C): the state is saved mid-buffer (batch 7 in it, 2 minibatches
+    # accumulated) and resumed from there
+    "interrupt-mid-buffer": ["interrupt:7"],
+}
+
+
+def _train(kill: dict, out: Path, *, resume: bool = False, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``soljax train`` into ``out`` in a subprocess, stopping itself at ``kill_at`` (SOLJAX_KILL_AT)."""
+    env = dict(kill["env"], **({KILL_AT_ENV: kill_at} if kill_at else {}))
+    cmd = [sys.executable, "-m", "soljax.cli", "train", "--quiet", "--out", str(out), *kill["overrides"]]
+    return subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _stopped_run(kill: dict, run: Path, points: list[str]) -> list[dict]:
+    """Trains into ``run`` stopping at each point in turn (resuming after the first), then resumes
+    it to the end; returns what each attempt left behind."""
+    seen = []
+    for i, point in enumerate(points + [None]):
+        proc = _train(kill, run, resume=i > 0, kill_at=point)
+        seen.append({"point": point, "exit": proc.returncode, "stderr": proc.stderr[-3000:],
+                     "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir()),
+                     "batches": [row["batch"] for row in read_metrics(run / "metrics.jsonl")]})
+        if point and point.startswith("save:"):
+            with open(run / "metrics.jsonl", "a") as fh:  # the next row, torn by the kill
+                fh.write('{"batch": %d, "reward_me' % (int(point[5:]) + 1))
+    return seen
+
+
 @pytest.fixture(scope="module")
-def kill_env(tmp_path_factory, word_tokenizer_json):
-    """The tiny LM as a model directory, a text file of its words, the overrides and environment
-    for ``soljax train`` subprocesses (one compilation cache for all of them), and the run of the
-    uninterrupted reference."""
+def stopped_runs(tmp_path_factory, word_tokenizer_json):
+    """The uninterrupted reference run and, for each scenario of :data:`KILLS`, the run stopped
+    and resumed (all ``soljax train`` subprocesses on the tiny LM saved as a model directory and a
+    text file of its words, sharing one compilation cache; the scenarios run concurrently)."""
     root = tmp_path_factory.mktemp("kill")
     save_model(root / "model", LM_CFG, LM[1], Tokenizer(word_tokenizer_json(LM_CFG.vocab_size)))
     words = np.random.default_rng(1).integers(1, LM_CFG.vocab_size, 24 * 21)
@@ -90,25 +128,12 @@ def kill_env(tmp_path_factory, word_tokenizer_json):
                XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop(KILL_AT_ENV, None)
-    overrides = [f"model={root / 'model'}", f"data={root / 'data.txt'}", *KILL_RUN]
-    kill = {"root": root, "env": env, "overrides": overrides}
-    assert _train(kill, root / "reference").returncode == 0
-    return kill
-
-
-def _train(kill: dict, out: Path, *, resume: bool = False, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """``soljax train`` into ``out`` in a subprocess, stopping itself at ``kill_at`` (SOLJAX_KILL_AT)."""
-    env = dict(kill["env"], **({KILL_AT_ENV: kill_at} if kill_at else {}))
-    cmd = [sys.executable, "-m", "soljax.cli", "train", "--quiet", "--out", str(out), *kill["overrides"]]
-    proc = subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
-                          timeout=600)
-    if kill_at is None:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _batches(run: Path) -> list[int]:
-    return [row["batch"] for row in read_metrics(run / "metrics.jsonl")]
+    kill = {"env": env, "overrides": [f"model={root / 'model'}", f"data={root / 'data.txt'}", *KILL_RUN]}
+    proc = _train(kill, root / "reference")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with ThreadPoolExecutor(len(KILLS)) as pool:
+        seen = dict(zip(KILLS, pool.map(lambda s: _stopped_run(kill, root / s, KILLS[s]), KILLS)))
+    return root, seen
 
 
 def _assert_same_states(a: dict, b: dict, where: str) -> None:
@@ -121,42 +146,23 @@ def _assert_same_states(a: dict, b: dict, where: str) -> None:
         assert x.tobytes() == y.tobytes(), f"{where}: {jax.tree_util.keystr(path)} differs"
 
 
-# scenario -> the SOLJAX_KILL_AT of each interrupted attempt (the run is then resumed to the end)
-KILLS = {
-    # SIGKILL after batch 5: checkpoint 3 is the latest, the buffer holds batches 4-5 and one
-    # minibatch's gradient is accumulated; batches 4-5 are redone
-    "between-checkpoints-mid-buffer": ["batch:5"],
-    # SIGKILL while the first checkpoint is written (the resumed run has none: it starts afresh),
-    # then while checkpoint 6 is written (resumed from 3); a torn metrics line is left behind too
-    "during-checkpoint-writes": ["save:3", "save:6"],
-    # SIGINT after batch 7 (Ctrl-C): the state is saved mid-buffer (batch 7 in it, 2 minibatches
-    # accumulated) and resumed from there
-    "interrupt-mid-buffer": ["interrupt:7"],
-}
-
-
 @pytest.mark.parametrize("scenario", list(KILLS))
-def test_killed_training_resumes_bit_for_bit(kill_env, tmp_path, scenario):
-    ref, run = kill_env["root"] / "reference", tmp_path / "run"
-    for i, point in enumerate(KILLS[scenario]):
-        proc = _train(kill_env, run, resume=i > 0, kill_at=point)
-        kind, n = point.split(":")
+def test_killed_training_resumes_bit_for_bit(stopped_runs, scenario):
+    root, seen = stopped_runs
+    ref, run = root / "reference", root / scenario
+    *stops, end = seen[scenario]
+    for stop in stops:
+        kind, n = stop["point"].split(":")
         want = 130 if kind == "interrupt" else -signal.SIGKILL
-        assert proc.returncode == want, f"{point}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-        ckpts = run / "checkpoints"
-        if kind == "save":  # killed with the checkpoint written but not committed
-            assert (ckpts / f"{n}{TMP}").is_dir() and not (ckpts / n).exists()
-            assert int(n) not in checkpoint_steps(run)
-            assert _batches(run)[-1] == int(n)
-            with open(run / "metrics.jsonl", "a") as fh:  # a line torn by the kill
-                fh.write('{"batch": %d, "reward_me' % (int(n) + 1))
-        else:
-            assert _batches(run) == list(range(1, int(n) + 1))
-        if kind == "interrupt":
-            assert checkpoint_steps(run)[-1] == int(n) and "saved at batch" in proc.stderr
-    _train(kill_env, run, resume=True)
-    assert not [p.name for p in (run / "checkpoints").iterdir() if TMP in p.name]
-    # every checkpoint the reference has, and the final one, equal bit for bit
+        assert stop["exit"] == want, f"{stop['point']}: exit {stop['exit']}\n{stop['stderr']}"
+        assert stop["batches"] == list(range(1, int(n) + 1)), stop["point"]
+        if kind == "save":  # killed with checkpoint n written but not committed
+            assert f"{n}{TMP}" in stop["checkpoints"] and n not in stop["checkpoints"], stop
+        if kind == "interrupt":  # saved where it stopped
+            assert n in stop["checkpoints"] and "saved at batch" in stop["stderr"], stop
+    assert end["exit"] == 0, end["stderr"]
+    assert not [name for name in end["checkpoints"] if TMP in name]
+    # every checkpoint of the reference (the last one mid-buffer) equal bit for bit
     steps = checkpoint_steps(ref)
     assert steps == [3, 6, 9, KILL_BATCHES] and set(steps) <= set(checkpoint_steps(run))
     for step in steps:
@@ -177,6 +183,35 @@ def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path
         _trainer("max_batches=2").run(tmp_path / "r", progress=False)
     with pytest.raises(SoljaxError, match="differs"):
         _trainer("max_batches=2", "lr=0.5").run(tmp_path / "r", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_resume_keeps_max_batches_under_a_decaying_learning_rate(tmp_path, schedule):
+    tr = _trainer(f"lr_schedule={schedule}", "warmup_updates=1")
+    writer = RunWriter(tmp_path / "r", tr.cfg)
+    writer.start_fresh()
+    writer.save(tr.init_state())
+    writer.close()
+    resumed = RunWriter(tmp_path / "r", tr.cfg.replace(max_batches=12))
+    try:
+        if schedule == "constant":
+            assert int(resumed.restore(tr.abstract_state()).batch) == 0
+        else:
+            with pytest.raises(SoljaxError, match=f"max_batches=12: it was 8, the horizon of its {schedule} "):
+                resumed.restore(tr.abstract_state())
+    finally:
+        resumed.close()
+
+
+def test_read_metrics_leaves_out_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"batch": 1}\n{"batch": 2}\n{"batch": 3, "rew')
+    assert read_metrics(path) == [{"batch": 1}, {"batch": 2}]
+    path.write_text('{"batch": 1}\n{"batch": 2')
+    assert read_metrics(path) == [{"batch": 1}]
+    path.write_text('{"batch": 1}\n{"bat\n{"batch": 3}\n')
+    with pytest.raises(SoljaxError, match="line 2 is not valid JSON"):
+        read_metrics(path)
 
 
 def test_budget_targets_follow_lists_ranges_and_constants():
