@@ -12,6 +12,9 @@ optimizer steps and their (mostly on-policy) ratios.
 The whole training state (policy, optimizer, gradient accumulator, buffer, data position, RNG) is
 one pytree, checkpointed with orbax every ``checkpoint_every`` optimizer updates, at the end and
 on interruption; ``--resume`` continues exactly where a run stopped, on the same or another mesh.
+After a kill (even SIGKILL, even during a checkpoint write) it continues from the last committed
+checkpoint and redoes the batches since, bit for bit as if never stopped (see
+:mod:`soljax.train.writer`).
 
 On several devices or hosts (``mesh_data``/``mesh_model``, ``distributed``; see
 :mod:`soljax.parallel` and ``docs/scaleout.md``) the same two compiled steps run with explicit

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -77,11 +78,13 @@ class RunWriter:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
+            ckpts = self.out_dir / "checkpoints"
+            if self.primary and ckpts.is_dir():  # checkpoints torn by a kill: never committed, never a step
+                for torn in ckpts.glob(f"*{_TMP_SUFFIX}*"):
+                    shutil.rmtree(torn)
             hook = ocp.AsyncOptions(post_finalization_callback=lambda: kill_point("save", self._saving)) \
                 if os.environ.get(KILL_AT_ENV) else None
-            # cleanup_tmp_directories: a checkpoint torn by a kill is removed (it never counts as a step)
-            opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
-                                                async_options=hook)
+            opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True, async_options=hook)
             self._manager = ocp.CheckpointManager((self.out_dir / "checkpoints").absolute(), options=opts)
         return self._manager
 
@@ -112,10 +115,10 @@ class RunWriter:
                              if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
             if changed:
                 raise SoljaxError(f"cannot resume {self.out_dir}: the config differs in {changed}")
-            if old.get("max_batches") != new.get("max_batches") and new.get("lr_schedule") != "constant":
-                raise SoljaxError(f"cannot resume {self.out_dir} with max_batches={new.get('max_batches')}: it was "
-                                  f"{old.get('max_batches')}, the horizon of its {new.get('lr_schedule')} "
-                                  "learning-rate schedule (keep it, or continue as a new run)")
+            was, now, schedule = old.get("max_batches"), new.get("max_batches"), new.get("lr_schedule")
+            if was != now and schedule != "constant":
+                raise SoljaxError(f"cannot resume {self.out_dir} with max_batches={now}: it was {was}, the horizon "
+                                  f"of its {schedule} learning-rate schedule (keep it, or continue as a new run)")
         step = self._mgr().latest_step()
         if step is None:
             return None
@@ -154,7 +157,7 @@ class RunWriter:
             return
         fd = os.open(self.out_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            os.write(fd, (json.dumps(metrics) + "\n").encode())  # one write: a whole line or none
+            os.write(fd, (json.dumps(metrics) + "\n").encode())  # one write call per row, never half buffered
         finally:
             os.close(fd)
         if self._tb is None:

@@ -58,7 +58,7 @@ def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
     # one optimizer step per buffer pass: every minibatch is evaluated with the rollout's policy
     on_policy = _trainer("grad_accum_steps=4", "max_batches=4").run(tmp_path / "on", progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
-    assert int(on_policy["updates"]) == 2
+    assert int(on_policy.updates) == 2
     assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["clip_frac"] == 0 for r in rows if "ratio_mean" in r)
 
 
