@@ -42,8 +42,20 @@ def run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file."""
-    return [json.loads(ln) for ln in Path(path).read_text().split("\n") if ln.strip()]
+    """The rows of a ``metrics.jsonl`` file (a torn last line, from a run killed while writing it
+    or still writing it, is left out)."""
+    lines = Path(path).read_text().split("\n")
+    rows = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: not completely written
+                break
+            raise SoljaxError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
@@ -60,13 +72,14 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
         mgr.close()
 
 
-def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, dict]:
-    """A training run's config and its policy variables (for ``SOLPolicy.apply``) at checkpoint
-    ``step`` (default: the latest), on this process's first device whatever mesh saved them."""
+def load_checkpoint(run_dir: str | Path, step: int | None = None) -> dict:
+    """The whole training state saved at checkpoint ``step`` (default: the latest) of a training
+    run, as the nested dict of arrays the trainer checkpoints (see
+    :meth:`soljax.train.state.TrainState.to_tree`), on this process's first device whatever mesh
+    saved it."""
     import jax
     import orbax.checkpoint as ocp
 
-    cfg = run_config(run_dir)
     ckpts = Path(run_dir) / "checkpoints"
     steps = checkpoint_steps(run_dir)
     if not steps:
@@ -79,13 +92,19 @@ def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConf
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         stored = mgr.item_metadata(step).tree
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
-        state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+        return mgr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:
         raise SoljaxError(f"cannot restore {ckpts / str(step)}: "
                           f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     finally:
         mgr.close()
-    return cfg, state["policy"]
+
+
+def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConfig, dict]:
+    """A training run's config and its policy variables (for ``SOLPolicy.apply``) at checkpoint
+    ``step`` (default: the latest), on this process's first device whatever mesh saved them."""
+    cfg = run_config(run_dir)
+    return cfg, load_checkpoint(run_dir, step)["policy"]
 
 
 def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = None,

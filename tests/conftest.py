@@ -2,7 +2,8 @@
 
 Fixtures:
 
-- ``tiny_lm(seed, scale, **overrides)`` (a function): ``(LMConfig, params)`` of a tiny random soljax LM.
+- ``tiny_lm(seed, scale, **overrides)`` (a function): ``(LMConfig, params)`` of a tiny random soljax LM;
+  ``write_policy_run(run_dir, train_cfg, policy_vars)``: a run directory with one policy checkpoint.
 - ``word_tokenizer_json``: ``make(vocab_size) -> str``, a ``tokenizers`` JSON with that many words.
 - ``tiny_hf_model``: a factory ``make(arch, **options) -> TinyHF`` that builds a tiny random
   ``transformers`` model (fp32, eager attention) with enlarged random weights, saves it as a Hugging
@@ -85,6 +86,22 @@ def tiny_lm(seed: int = 0, scale: float = 0.3, **overrides):
 
     cfg = LMConfig(**{**TINY_LM, **overrides})
     return cfg, init_params(cfg, jax.random.PRNGKey(seed), scale=scale)
+
+
+def write_policy_run(run_dir, train_cfg, policy_vars) -> None:
+    """A training run directory holding ``train_cfg`` and one checkpoint (batch 1) whose policy is
+    ``policy_vars``; the rest of the training state is minimal (a run's users read only the policy)."""
+    import jax
+    import jax.numpy as jnp
+
+    from soljax.train import Buffer, RunWriter, TrainState
+
+    writer = RunWriter(run_dir, train_cfg)
+    writer.start_fresh()
+    zero = jnp.zeros((), jnp.int32)
+    writer.save(TrainState(policy=policy_vars, ref={}, opt={}, grad_acc={}, accum=zero, buffer=Buffer.zeros(1, 1, 1, 1),
+                           fill=zero, batch=zero + 1, updates=zero, key=jax.random.PRNGKey(0)))
+    writer.close()
 
 
 # ----------------------------------------------------------------------------- tiny HF models

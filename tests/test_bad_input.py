@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from conftest import write_policy_run
 from soljax import cli
 from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
@@ -274,16 +275,12 @@ def test_train_blocks_beyond_the_context(tiny, run_dir, capsys):
 def test_eval_blocks_beyond_the_context(tiny, tmp_path, capsys):
     from soljax.control.network import init_policy
     from soljax.config import action_grid, policy_config
-    from soljax.train.writer import RunWriter
 
     cfg = TrainConfig.load(None, [f"model={tiny['model']}", "context_len=60", "rollout_len=4", "policy_max_len=8",
                                   "policy_d_model=16", "policy_n_heads=2"])
     run = tmp_path / "run"
-    writer = RunWriter(run, cfg)
-    writer.start_fresh()
-    policy = init_policy(policy_config(cfg), action_grid(cfg).num_actions, 32, 32, jax.random.PRNGKey(0))
-    writer.save({"batch": jax.numpy.asarray(1), "policy": policy})
-    writer.close()
+    write_policy_run(run, cfg, init_policy(policy_config(cfg), action_grid(cfg).num_actions, 32, 32,
+                                           jax.random.PRNGKey(0)))
     before = _snapshot(run)
     _assert_one_line_error(_run(capsys, "eval", "ppl", "--run", run, "--quiet", "--methods", "dense"),
                            "context_len + rollout_len + 1", f"max_position_embeddings = {MAX_POS}")

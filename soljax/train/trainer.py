@@ -12,6 +12,9 @@ optimizer steps and their (mostly on-policy) ratios.
 The whole training state (policy, optimizer, gradient accumulator, buffer, data position, RNG) is
 one pytree, checkpointed with orbax every ``checkpoint_every`` optimizer updates, at the end and
 on interruption; ``--resume`` continues exactly where a run stopped, on the same or another mesh.
+After a kill (even SIGKILL, even during a checkpoint write) it continues from the last committed
+checkpoint and redoes the batches since, bit for bit as if never stopped (see
+:mod:`soljax.train.writer`).
 
 On several devices or hosts (``mesh_data``/``mesh_model``, ``distributed``; see
 :mod:`soljax.parallel` and ``docs/scaleout.md``) the same two compiled steps run with explicit
@@ -134,8 +137,11 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """A fresh training state (on a mesh: created in its shardings by one compiled call;
-        every process computes the same values from the seed)."""
-        return self._init_state_impl() if self.plan is None else self._init_sharded()
+        every process computes the same values from the seed). On one device it is committed to
+        it, like the compiled steps' outputs and a restored checkpoint, so the steps compile once."""
+        if self.plan is None:
+            return jax.device_put(self._init_state_impl(), jax.devices()[0])
+        return self._init_sharded()
 
     def _init_state_impl(self) -> TrainState:
         cfg = self.cfg

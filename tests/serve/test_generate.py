@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_lm
+from conftest import tiny_lm, write_policy_run
 from soljax.errors import SoljaxError
 from soljax.distributions import sample_token
 from soljax.serve.generate import generate
@@ -88,7 +88,6 @@ from soljax.lm.controlled import Controls, SparsityConfig  # noqa: E402
 from soljax.control.network import PolicyConfig, init_policy  # noqa: E402
 from soljax.engine.rollout import rollout  # noqa: E402
 from soljax.lm.tokenizer import Tokenizer  # noqa: E402
-from soljax.train import Buffer, RunWriter, TrainState  # noqa: E402
 
 T = 4
 SCFG = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1)
@@ -279,12 +278,7 @@ def policy_run(tmp_path_factory, word_tokenizer_json):
     save_model(root / "model", CFG, PARAMS, Tokenizer(word_tokenizer_json(CFG.vocab_size)))
     tcfg = TrainConfig.load(None, [f"model={root / 'model'}", "rollout_len=4", "policy_d_model=32",
                                    "policy_n_heads=2", "policy_max_len=8", "quest_page_size=4", "Ts=1", "Tw=1"])
-    writer = RunWriter(root / "run", tcfg)
-    writer.start_fresh()
-    zero = jnp.zeros((), jnp.int32)
-    writer.save(TrainState(policy=VARIABLES, ref={}, opt={}, grad_acc={}, accum=zero, buffer=Buffer.zeros(1, 1, 1, 1),
-                           fill=zero, batch=zero + 1, updates=zero, key=jax.random.PRNGKey(0)))
-    writer.close()
+    write_policy_run(root / "run", tcfg, VARIABLES)
     return root
 
 

@@ -1,6 +1,13 @@
-"""GRPO trainer: update arithmetic, exact resume after a kill, config and input errors."""
+"""GRPO trainer: update arithmetic, bit-exact resume after ``soljax train`` is killed, config and
+input errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,8 +16,11 @@ import pytest
 from conftest import tiny_lm
 from soljax.config import TrainConfig, updates_per_batch
 from soljax.errors import SoljaxError
+from soljax.lm.checkpoint import save_model
+from soljax.lm.tokenizer import Tokenizer
+from soljax.runs import checkpoint_steps, load_checkpoint, load_policy, read_metrics
 from soljax.train.trainer import Trainer, sample_targets
-from soljax.runs import load_policy
+from soljax.train.writer import KILL_AT_ENV, RunWriter
 
 LM_CFG, LM_PARAMS = tiny_lm()
 LM = (LM_CFG, LM_PARAMS, None)
@@ -23,10 +33,6 @@ SMALL = ["context_len=16", "rollout_len=4", "batch_size=2", "grpo_rollouts_per_i
 
 def _trainer(*overrides):
     return Trainer(TrainConfig.load(None, SMALL + list(overrides)), lm=LM, blocks=BLOCKS)
-
-
-class Kill(Exception):
-    pass
 
 
 def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
@@ -51,29 +57,123 @@ def test_update_arithmetic_follows_the_buffer_and_accumulation_rules(tmp_path):
     # one optimizer step per buffer pass: every minibatch is evaluated with the rollout's policy
     on_policy = _trainer("grad_accum_steps=4", "max_batches=4").run(tmp_path / "on", progress=False)
     rows = [json.loads(ln) for ln in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
-    assert int(on_policy["updates"]) == 2
+    assert int(on_policy.updates) == 2
     assert all(abs(r["ratio_mean"] - 1) < 1e-4 and r["clip_frac"] == 0 for r in rows if "ratio_mean" in r)
 
 
-def test_kill_after_second_checkpoint_then_resume_equals_uninterrupted(tmp_path):
-    full = _trainer().run(tmp_path / "full", progress=False)
-    saves = []
+# ----------------------------------------------------------------------------------------------
+# Killing `soljax train` (SIGKILL, SIGINT) and resuming: bit for bit the uninterrupted run
 
-    def kill_after_second_checkpoint(state, metrics):
-        ckpts = tmp_path / "cut" / "checkpoints"
-        saves[:] = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
-        if len(saves) >= 2:
-            raise Kill()
+# 2 blocks x 4 schedules x 4 steps = 32 entries per batch; the buffer needs 96 -> 3 batches, 24
+# episodes in 6 minibatches of 4, an update every 5 minibatches: after batches 3, 6, 9 the
+# accumulator holds 1, 2, 3 minibatches (an accumulation always pending), one checkpoint per update
+# (at batches 3, 6, 9) and the final one at batch 11, in the middle of the fourth buffer.
+KILL_RUN = ["context_len=16", "rollout_len=4", "batch_size=2", "grpo_rollouts_per_input=4", "policy_d_model=32",
+            "policy_n_heads=2", "policy_max_len=8", "ppo_target_batch_size=96", "ppo_minibatch_size=16",
+            "grad_accum_steps=5", "quest_page_size=4", "Ts=1", "Tw=1", "checkpoint_every=1", "max_batches=11",
+            "keep_checkpoints=20", "lr=1e-3", "lr_schedule=cosine", "warmup_updates=1"]
+KILL_BATCHES = 11
+TIMING = {"rollout_s", "learn_s", "schedule_steps_per_s"}
+TMP = ".orbax-checkpoint-tmp"
 
-    with pytest.raises(Kill):
-        _trainer().run(tmp_path / "cut", progress=False, on_batch=kill_after_second_checkpoint)
-    assert saves == [2, 4]
-    resumed = _trainer().run(tmp_path / "cut", resume=True, progress=False)
-    assert int(resumed["batch"]) == int(full["batch"])
-    for a, b in zip(jax.tree.leaves(full["policy"]), jax.tree.leaves(resumed["policy"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln)["batch"] for ln in lines] == list(range(1, 9))
+
+# scenario -> the SOLJAX_KILL_AT of each stopped attempt (then the run is resumed to the end)
+KILLS = {
+    # SIGKILL after batch 5: checkpoint 3 is the latest, the buffer holds batches 4-5 and one
+    # minibatch's gradient is accumulated; batches 4-5 are redone
+    "between-checkpoints-mid-buffer": ["batch:5"],
+    # SIGKILL while the first checkpoint is written (the resumed run has none: it starts afresh),
+    # then while checkpoint 6 is written (resumed from 3); each leaves a torn metrics line too
+    "during-checkpoint-writes": ["save:3", "save:6"],
+    # SIGINT after batch 7 (Ctrl-C): the state is saved mid-buffer (batch 7 in it, 2 minibatches
+    # accumulated) and resumed from there
+    "interrupt-mid-buffer": ["interrupt:7"],
+}
+
+
+def _train(kill: dict, out: Path, *, resume: bool = False, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """``soljax train`` into ``out`` in a subprocess, stopping itself at ``kill_at`` (SOLJAX_KILL_AT)."""
+    env = dict(kill["env"], **({KILL_AT_ENV: kill_at} if kill_at else {}))
+    cmd = [sys.executable, "-m", "soljax.cli", "train", "--quiet", "--out", str(out), *kill["overrides"]]
+    return subprocess.run(cmd + (["--resume"] if resume else []), env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _stopped_run(kill: dict, run: Path, points: list[str]) -> list[dict]:
+    """Trains into ``run`` stopping at each point in turn (resuming after the first), then resumes
+    it to the end; returns what each attempt left behind."""
+    seen = []
+    for i, point in enumerate(points + [None]):
+        proc = _train(kill, run, resume=i > 0, kill_at=point)
+        seen.append({"point": point, "exit": proc.returncode, "stderr": proc.stderr[-3000:],
+                     "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir()),
+                     "batches": [row["batch"] for row in read_metrics(run / "metrics.jsonl")]})
+        if point and point.startswith("save:"):
+            with open(run / "metrics.jsonl", "a") as fh:  # the next row, torn by the kill
+                fh.write('{"batch": %d, "reward_me' % (int(point[5:]) + 1))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory, word_tokenizer_json):
+    """The uninterrupted reference run and, for each scenario of :data:`KILLS`, the run stopped
+    and resumed (all ``soljax train`` subprocesses on the tiny LM saved as a model directory and a
+    text file of its words, sharing one compilation cache; the scenarios run concurrently)."""
+    root = tmp_path_factory.mktemp("kill")
+    save_model(root / "model", LM_CFG, LM[1], Tokenizer(word_tokenizer_json(LM_CFG.vocab_size)))
+    words = np.random.default_rng(1).integers(1, LM_CFG.vocab_size, 24 * 21)
+    (root / "data.txt").write_text(" ".join(f"w{i}" for i in words))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SOLJAX_CACHE_DIR=str(root / "cache"),
+               XLA_FLAGS="--xla_backend_optimization_level=0", JAX_COMPILATION_CACHE_DIR=str(root / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop(KILL_AT_ENV, None)
+    kill = {"env": env, "overrides": [f"model={root / 'model'}", f"data={root / 'data.txt'}", *KILL_RUN]}
+    proc = _train(kill, root / "reference")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with ThreadPoolExecutor(len(KILLS)) as pool:
+        seen = dict(zip(KILLS, pool.map(lambda s: _stopped_run(kill, root / s, KILLS[s]), KILLS)))
+    return root, seen
+
+
+def _assert_same_states(a: dict, b: dict, where: str) -> None:
+    """Every leaf (policy, ref, opt, grad_acc, accum, buffer, fill, batch, updates, key) equal, bit for bit."""
+    flat_a, flat_b = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (a, b))
+    assert flat_a.keys() == flat_b.keys(), where
+    for path, leaf in flat_a.items():
+        x, y = np.asarray(leaf), np.asarray(flat_b[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, (where, jax.tree_util.keystr(path))
+        assert x.tobytes() == y.tobytes(), f"{where}: {jax.tree_util.keystr(path)} differs"
+
+
+@pytest.mark.parametrize("scenario", list(KILLS))
+def test_killed_training_resumes_bit_for_bit(stopped_runs, scenario):
+    root, seen = stopped_runs
+    ref, run = root / "reference", root / scenario
+    *stops, end = seen[scenario]
+    for stop in stops:
+        kind, n = stop["point"].split(":")
+        want = 130 if kind == "interrupt" else -signal.SIGKILL
+        assert stop["exit"] == want, f"{stop['point']}: exit {stop['exit']}\n{stop['stderr']}"
+        assert stop["batches"] == list(range(1, int(n) + 1)), stop["point"]
+        if kind == "save":  # killed with checkpoint n written but not committed
+            assert f"{n}{TMP}" in stop["checkpoints"] and n not in stop["checkpoints"], stop
+        if kind == "interrupt":  # saved where it stopped
+            assert n in stop["checkpoints"] and "saved at batch" in stop["stderr"], stop
+    assert end["exit"] == 0, end["stderr"]
+    assert not [name for name in end["checkpoints"] if TMP in name]
+    # every checkpoint of the reference (the last one mid-buffer) equal bit for bit
+    steps = checkpoint_steps(ref)
+    assert steps == [3, 6, 9, KILL_BATCHES] and set(steps) <= set(checkpoint_steps(run))
+    for step in steps:
+        _assert_same_states(load_checkpoint(ref, step), load_checkpoint(run, step), f"checkpoint {step}")
+    final = load_checkpoint(run)
+    assert int(final["batch"]) == KILL_BATCHES and int(final["fill"]) == 16 and int(final["accum"]) == 3
+    # exactly one metrics row per batch, each equal to the reference's (but for timings)
+    rows, ref_rows = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
+    assert [r["batch"] for r in rows] == list(range(1, KILL_BATCHES + 1)) == [r["batch"] for r in ref_rows]
+    for r, q in zip(rows, ref_rows):
+        assert {k: v for k, v in r.items() if k not in TIMING} == {k: v for k, v in q.items() if k not in TIMING}
+    assert (run / "metrics.jsonl").read_text().endswith("}\n")
 
 
 def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path):
@@ -82,6 +182,35 @@ def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path
         _trainer("max_batches=2").run(tmp_path / "r", progress=False)
     with pytest.raises(SoljaxError, match="differs"):
         _trainer("max_batches=2", "lr=0.5").run(tmp_path / "r", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_resume_keeps_max_batches_under_a_decaying_learning_rate(tmp_path, schedule):
+    tr = _trainer(f"lr_schedule={schedule}", "warmup_updates=1")
+    writer = RunWriter(tmp_path / "r", tr.cfg)
+    writer.start_fresh()
+    writer.save(tr.init_state())
+    writer.close()
+    resumed = RunWriter(tmp_path / "r", tr.cfg.replace(max_batches=12))
+    try:
+        if schedule == "constant":
+            assert int(resumed.restore(tr.abstract_state()).batch) == 0
+        else:
+            with pytest.raises(SoljaxError, match=f"max_batches=12: it was 8, the horizon of its {schedule} "):
+                resumed.restore(tr.abstract_state())
+    finally:
+        resumed.close()
+
+
+def test_read_metrics_leaves_out_a_torn_last_line_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"batch": 1}\n{"batch": 2}\n{"batch": 3, "rew')
+    assert read_metrics(path) == [{"batch": 1}, {"batch": 2}]
+    path.write_text('{"batch": 1}\n{"batch": 2')
+    assert read_metrics(path) == [{"batch": 1}]
+    path.write_text('{"batch": 1}\n{"bat\n{"batch": 3}\n')
+    with pytest.raises(SoljaxError, match="line 2 is not valid JSON"):
+        read_metrics(path)
 
 
 def test_budget_targets_follow_lists_ranges_and_constants():
