@@ -9,6 +9,8 @@ BIN=${BIN:-.venv/bin}
 RUN=${RUN:-runs/demo}
 "$BIN/soljax" setup >/dev/null
 "$BIN/soljax" train --config configs/demo.yaml --resume --out "$RUN"
+cp "$RUN/metrics.jsonl" docs/results/demo_metrics.jsonl
+cp "$RUN/training.png" docs/results/demo_training.png
 "$BIN/soljax" eval ppl --run "$RUN" --split test --blocks 64 --trials 30 --out docs/results/demo_test
 "$BIN/soljax" eval ppl --run "$RUN" --split test --blocks 64 --trials 30 --guard --out docs/results/demo_test_guard
 "$BIN/python" scripts/results_tables.py

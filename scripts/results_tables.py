@@ -95,11 +95,36 @@ def table_guarded(result: dict) -> str:
     return "\n".join(out)
 
 
-BLOCKS = {"demo_test": ("demo_test", table_unguarded), "demo_test_guard": ("demo_test_guard", table_guarded)}
+def training_summary(rows: list[dict]) -> str:
+    """How the demo run's metrics moved: the mean of its first vs its last 30 batches."""
+    first, last = rows[:30], rows[-30:]
+
+    def mean(part, key):
+        return float(np.mean([r[key] for r in part]))
+
+    def moved(key, what):
+        return f"{what} {mean(first, key):.2f} -> {mean(last, key):.2f}"
+
+    return (f"Over its {len(rows)} batches (mean of the first vs the last 30): "
+            + ", ".join([moved("penalty_mean", "budget penalty"), moved("penalized_return_mean", "penalized return"),
+                         moved("reward_mean", "reward (minus the KL to the dense model)"),
+                         *(moved(f"gap_{a}", f"{a} usage gap to the target") for a in AXES)]) + ".")
+
+
+def _metrics(name: str) -> list[dict]:
+    sys.path.insert(0, str(ROOT))
+    from soljax.runs import read_metrics
+
+    return read_metrics(RESULTS / name)
+
+
+BLOCKS = {"demo_training": ("demo_metrics.jsonl", lambda name: training_summary(_metrics(name))),
+          "demo_test": ("demo_test", lambda name: table_unguarded(_load(name))),
+          "demo_test_guard": ("demo_test_guard", lambda name: table_guarded(_load(name)))}
 
 
 def blocks() -> dict[str, str]:
-    return {name: fn(_load(sweep)) for name, (sweep, fn) in BLOCKS.items()}
+    return {name: fn(source) for name, (source, fn) in BLOCKS.items()}
 
 
 def check(readme: Path = ROOT / "README.md") -> list[str]:

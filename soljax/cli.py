@@ -101,18 +101,11 @@ def cmd_generate(args) -> None:
     print(f"[{new} new tokens in {elapsed:.1f}s]", file=sys.stderr)
 
 
-def _budget_line(b: dict) -> str:
-    if not b["effective_steps"]:
-        return "no compressible step"
-    return (f"token keep {b['token']:.3f}, prune keep {b['prune']:.3f}, quant ratio {b['quant']:.3f} "
-            f"({16 * b['quant']:.1f} bits) over {b['effective_steps']} steps")
-
-
 def _generate_controlled(args) -> None:
     """``soljax generate --policy RUN_DIR --targets T,P,Q``: the policy (or fixed) chooses each token's compute."""
     from soljax.compress.targets import parse_target
     from soljax.runs import load_controlled
-    from soljax.serve.generate import policy_generation_report
+    from soljax.serve.generate import format_generation_report, policy_generation_report
 
     if not args.targets:
         raise SoljaxError("--policy needs --targets TOKEN,PRUNE,QUANT (e.g. 0.5,0.7,8)")
@@ -130,19 +123,7 @@ def _generate_controlled(args) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    name = args.controller or "policy"
-    for s in report["samples"]:
-        c = s["controlled"]
-        print(f"[{name}] {s['prompt']}{c['text']}")
-        print(f"  realized: {_budget_line(c['budget'])}")
-        if "dense" in s:
-            print(f"  mean dense log-prob {c['mean_dense_logprob']:.3f}")
-            print(f"[dense] {s['prompt']}{s['dense']['text']}")
-            print(f"  mean dense log-prob {s['dense']['mean_dense_logprob']:.3f}")
-        print()
-    t = report["targets"]
-    print(f"targets: token keep {t['token']:.3f}, prune keep {t['prune']:.3f}, quant ratio {t['quant']:.3f}; "
-          f"realized: {_budget_line(report['budget'])} (episodes of {report['episode_len']})")
+    print(format_generation_report(report, args.controller or "policy"))
     print(f"[generated in {elapsed:.1f}s]", file=sys.stderr)
 
 
@@ -271,30 +252,11 @@ def cmd_eval_downstream(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job: assets, training, evaluation against baselines, report, a sample."""
-    from soljax.tools.demo import run_demo
-    from soljax.eval.report import load_sweep, summarize
+    from soljax.tools.demo import format_demo, run_demo
 
     result = run_demo(args.out, overrides=tuple(args.overrides), quick=args.quick, progress=not args.quiet)
     paths = result["paths"]
-    rows = summarize(load_sweep(paths["report"].parent))["rows"]
-    print("\nSOL policy vs budget-matched baselines on held-out text (perplexity, lower is better):")
-    for r in rows:
-        p, o = r["policy"], r["others"]
-        best = next((m for m in o if m.startswith("random_best")), None)
-        line = f"  net keep {p['net_keep']:.3f}: policy {p['ppl']:.2f}"
-        line += "".join(f", {m} {o[m]['ppl']:.2f}" for m in ("fixed", best, "emc", "dac") if m in o)
-        print(line)
-    s = result["sample"]["samples"][0]
-    print(f"\n[policy] {s['prompt']}{s['controlled']['text']}")
-    print(f"  realized: {_budget_line(s['controlled']['budget'])}")
-    if "dense" in s:
-        print(f"[dense]  {s['prompt']}{s['dense']['text']}")
-        print(f"  mean log-prob under the dense model: policy's text {s['controlled']['mean_dense_logprob']:.3f}, "
-              f"dense text {s['dense']['mean_dense_logprob']:.3f}")
-    print("\nwritten:")
-    for name, path in paths.items():
-        if name != "elapsed_s":
-            print(f"  {name:9s} {path}")
+    print(format_demo(result))
     print(f"\n[demo finished in {paths['elapsed_s'] / 60:.1f} min]", file=sys.stderr)
 
 

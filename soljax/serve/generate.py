@@ -362,3 +362,27 @@ def policy_generation_report(model: ControlledModel, tokenizer, prompts: list[st
             "budget": realized_budget(np.concatenate([g.usage for g in gens]),
                                       np.concatenate([g.effective for g in gens])),
             "samples": samples}
+
+
+def budget_line(b: dict) -> str:
+    """One line of realized usage per axis (a :func:`realized_budget` dict)."""
+    if not b["effective_steps"]:
+        return "no compressible step"
+    return (f"token keep {b['token']:.3f}, prune keep {b['prune']:.3f}, quant ratio {b['quant']:.3f} "
+            f"({16 * b['quant']:.1f} bits) over {b['effective_steps']} steps")
+
+
+def format_generation_report(report: dict, name: str = "policy") -> str:
+    """The text ``soljax generate --policy`` prints for a :func:`policy_generation_report`."""
+    lines = []
+    for s in report["samples"]:
+        c = s["controlled"]
+        lines += [f"[{name}] {s['prompt']}{c['text']}", f"  realized: {budget_line(c['budget'])}"]
+        if "dense" in s:
+            lines += [f"  mean dense log-prob {c['mean_dense_logprob']:.3f}", f"[dense] {s['prompt']}{s['dense']['text']}",
+                      f"  mean dense log-prob {s['dense']['mean_dense_logprob']:.3f}"]
+        lines.append("")
+    t = report["targets"]
+    lines.append(f"targets: token keep {t['token']:.3f}, prune keep {t['prune']:.3f}, quant ratio {t['quant']:.3f}; "
+                 f"realized: {budget_line(report['budget'])} (episodes of {report['episode_len']})")
+    return "\n".join(lines)

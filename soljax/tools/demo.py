@@ -24,7 +24,7 @@ SAMPLE_TARGETS = (0.5, 0.8, 0.5)
 
 
 def demo_config_path() -> Path:
-    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     if not path.is_file():
         raise SoljaxError(f"the demo config is missing ({path}); run the demo from a soljax checkout")
     return path
@@ -105,3 +105,26 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: tuple[str, ...] = 
     paths.update(sample=out / "sample.json", training=out / "training.png", metrics=out / "metrics.jsonl")
     paths["elapsed_s"] = time.perf_counter() - t0
     return {"paths": paths, "sample": sample}
+
+
+def format_demo(result: dict) -> str:
+    """The summary ``soljax demo`` prints: the policy against the baselines, the sample, the files."""
+    from soljax.eval.report import load_sweep, summarize
+    from soljax.serve.generate import budget_line
+
+    paths = result["paths"]
+    lines = ["", "SOL policy vs budget-matched baselines on held-out text (perplexity, lower is better):"]
+    for r in summarize(load_sweep(paths["report"].parent))["rows"]:
+        p, o = r["policy"], r["others"]
+        best = next((m for m in o if m.startswith("random_best")), None)
+        lines.append(f"  net keep {p['net_keep']:.3f}: policy {p['ppl']:.2f}"
+                     + "".join(f", {m} {o[m]['ppl']:.2f}" for m in ("fixed", best, "emc", "dac") if m in o))
+    s = result["sample"]["samples"][0]
+    lines += ["", f"[policy] {s['prompt']}{s['controlled']['text']}",
+              f"  realized: {budget_line(s['controlled']['budget'])}"]
+    if "dense" in s:
+        lines += [f"[dense]  {s['prompt']}{s['dense']['text']}",
+                  f"  mean log-prob under the dense model: policy's text {s['controlled']['mean_dense_logprob']:.3f}, "
+                  f"dense text {s['dense']['mean_dense_logprob']:.3f}"]
+    lines += ["", "written:"] + [f"  {name:9s} {path}" for name, path in paths.items() if name != "elapsed_s"]
+    return "\n".join(lines)

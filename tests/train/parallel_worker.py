@@ -114,8 +114,8 @@ def run_meshes(out: Path) -> None:
         # the LM really is split: attention heads over `model`, blocks over `data`
         wq = tr.lm_params["layers"]["wq"]
         print(json.dumps({"mesh": name, "wq_shard": list(wq.addressable_shards[0].data.shape),
-                          "buffer_shard": list(states[name]["buffer"]["adv"].addressable_shards[0].data.shape),
-                          "policy_spec": str(jax.tree.leaves(states[name]["policy"])[-1].sharding.spec)}))
+                          "buffer_shard": list(states[name].buffer.adv.addressable_shards[0].data.shape),
+                          "policy_spec": str(jax.tree.leaves(states[name].policy)[-1].sharding.spec)}))
     # a checkpoint written with one mesh restores onto another (values and target shardings)
     for src, dst in [(names[-1], names[0])]:
         data, model, policy = MESHES[dst]
