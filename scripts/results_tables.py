@@ -2,6 +2,7 @@
 
     python scripts/results_tables.py            # print every table block
     python scripts/results_tables.py --check    # exit 1 unless README.md holds exactly these blocks
+    python scripts/results_tables.py --write    # put these blocks into README.md
 
 Each block sits in README.md between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
 ``tests/eval/test_results.py`` runs the check, so the README's numbers are the sweeps' numbers.
@@ -127,21 +128,39 @@ def blocks() -> dict[str, str]:
     return {name: fn(source) for name, (source, fn) in BLOCKS.items()}
 
 
+def _marked(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- results:{name} -->\n)(.*?)(\n<!-- /results:{name} -->)", re.S)
+
+
 def check(readme: Path = ROOT / "README.md") -> list[str]:
     """The names of the blocks whose text in the README differs from the sweeps'."""
     text = readme.read_text()
     bad = []
     for name, body in blocks().items():
-        m = re.search(rf"<!-- results:{name} -->\n(.*?)\n<!-- /results:{name} -->", text, re.S)
-        if m is None or m.group(1).strip() != body.strip():
+        m = _marked(name).search(text)
+        if m is None or m.group(2).strip() != body.strip():
             bad.append(name)
     return bad
+
+
+def write(readme: Path = ROOT / "README.md") -> None:
+    """Replace every marked block of the README with the sweeps' text (the markers must exist)."""
+    text = readme.read_text()
+    for name, body in blocks().items():
+        text, n = _marked(name).subn(lambda m: m.group(1) + body.strip() + m.group(3), text)
+        if n != 1:
+            raise SystemExit(f"README.md: expected one <!-- results:{name} --> block, found {n}")
+    readme.write_text(text)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with README.md instead of printing")
+    ap.add_argument("--write", action="store_true", help="write the blocks into README.md")
     args = ap.parse_args()
+    if args.write:
+        write()
+        return 0
     if args.check:
         bad = check()
         for name in bad:
