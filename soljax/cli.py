@@ -203,8 +203,10 @@ def _sweep_config(args):
     from soljax.compress.targets import parse_targets
     from soljax.eval.sweep import SweepConfig
 
-    kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
-              seed=args.seed, gamma=args.gamma, guard=args.guard, split=args.split)
+    given = lambda v, default: default if v is None else v  # noqa: E731
+    kw = dict(data=given(args.data, "eval"), num_blocks=given(args.blocks, 64), batch_size=given(args.batch_size, 8),
+              random_trials=given(args.trials, 30), seed=args.seed, gamma=args.gamma, guard=args.guard,
+              split=given(args.split, "test"))
     if args.targets:
         kw["targets"] = parse_targets(args.targets)
     if args.methods:
@@ -214,9 +216,42 @@ def _sweep_config(args):
     return SweepConfig(**kw)
 
 
+PAPER_ONLY = ("prefix", "batches", "rows", "grid_points", "front_points", "dtype")
+
+
+def _eval_ppl_paper(args) -> None:
+    """``soljax eval ppl --protocol paper``: the paper's perplexity protocol (soljax.eval.protocol)."""
+    from soljax.eval.paper_report import write_paper_report
+    from soljax.eval.protocol import PaperConfig, eval_paper
+
+    for flag in ("targets", "methods", "static", "blocks", "split", "guard"):
+        if getattr(args, flag) not in (None, False):
+            raise SoljaxError(f"--{flag} does not go with --protocol paper (it scans the reference's target grid "
+                              f"over 7 x 16 unshuffled blocks; use --grid-points, --batches and --batch-size for "
+                              f"smaller runs)")
+    given = {k: getattr(args, k) for k in ("prefix", "batches", "batch_size", "rows", "dtype", "trials",
+                                           "grid_points", "front_points") if getattr(args, k) is not None}
+    pc = PaperConfig(data=args.data, seed=args.seed, **given)
+    out = Path(args.out) if args.out else Path(args.run) / "eval_paper"
+    result = eval_paper(args.run, pc, out, progress=not args.quiet)
+    paths = write_paper_report(out)
+    if args.json:
+        print(json.dumps({"protocol": result["protocol"], "front": result["front"]["points"]}))
+    else:
+        print(paths["report"].read_text())
+    print(f"soljax: paper-protocol evaluation written to {out} (report.md, pareto.png, protocol.json, scan/, front/)",
+          file=sys.stderr)
+
+
 def cmd_eval_ppl(args) -> None:
     from soljax.eval.sweep import eval_ppl
     from soljax.eval.report import write_report
+
+    if args.protocol == "paper":
+        return _eval_ppl_paper(args)
+    for flag in PAPER_ONLY:
+        if getattr(args, flag) is not None:
+            raise SoljaxError(f"--{flag.replace('_', '-')} needs --protocol paper")
 
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     result = eval_ppl(args.run, _sweep_config(args), out, progress=not args.quiet)
@@ -232,6 +267,13 @@ def cmd_eval_ppl(args) -> None:
 def cmd_eval_report(args) -> None:
     from soljax.eval.report import write_report
 
+    if (Path(args.sweep) / "protocol.json").is_file():  # a paper-protocol evaluation
+        from soljax.eval.paper_report import write_paper_report
+
+        paths = write_paper_report(Path(args.sweep))
+        print(paths["report"].read_text())
+        print(f"soljax: report written to {paths['report']}", file=sys.stderr)
+        return
     paths = write_report(Path(args.sweep))
     print(paths["report"].read_text())
     print(f"soljax: report written to {paths['report']}", file=sys.stderr)
@@ -352,20 +394,34 @@ def build_parser() -> argparse.ArgumentParser:
     e = ev.add_parser("ppl", help="perplexity sweep: the policy at several targets vs budget-matched baselines")
     e.add_argument("--run", required=True, help="a training run directory")
     e.add_argument("--out", help="output directory (default: RUN/eval)")
-    e.add_argument("--data", default="eval", help="evaluation text (default: the eval split, Persuasion)")
-    e.add_argument("--blocks", type=int, default=64, help="evaluation blocks (default 64)")
-    e.add_argument("--batch-size", type=int, default=8, help="blocks per compiled call (default 8)")
+    e.add_argument("--data", help="evaluation text (default: the eval split, Persuasion; with --protocol paper: "
+                   "WikiText-2 validation through `datasets`, or a local text file, dataset directory or hf: source "
+                   "read the same way)")
+    e.add_argument("--blocks", type=int, help="evaluation blocks (default 64)")
+    e.add_argument("--batch-size", type=int, help="blocks per compiled call (default 8; paper: 16)")
     e.add_argument("--targets", metavar="T,P,Q;...", help="target triples: token keep, MLP-input keep, "
                    "quant as bits/16 ratio or bit width (default: a diagonal through the grid)")
-    e.add_argument("--trials", type=int, default=30, help="random schedules per target (best-of-N and mean)")
+    e.add_argument("--trials", type=int, help="random schedules per target (best-of-N and mean; default 30)")
     e.add_argument("--methods", nargs="+", help="subset of: policy fixed random emc dac dense static")
     e.add_argument("--static", nargs="+", metavar="KIND:VALUE", help="static points, e.g. quest:0.3 teal:0.6 "
                    "zeroquant:8 (default: one per lower grid level)")
     e.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal weight (default 0.35)")
     e.add_argument("--seed", type=int, default=0, help="block choice and random schedules")
     e.add_argument("--guard", action="store_true", help=GUARD_HELP)
-    e.add_argument("--split", choices=["valid", "test"], default="test", help="valid: the first 64 shuffled "
+    e.add_argument("--split", choices=["valid", "test"], help="valid: the first 64 shuffled "
                    "blocks, for choosing settings; test (default): the blocks after them, for reporting")
+    e.add_argument("--protocol", choices=["soljax", "paper"], default="soljax", help="paper: the paper's protocol "
+                   "(docs/paper_protocol.md): WikiText-2 validation, 7 x 16 unshuffled blocks, the run's M and T, "
+                   "the LM in bfloat16, the reference's target grid, the policy's Pareto front against fixed and "
+                   "best-of-N random")
+    e.add_argument("--prefix", type=int, help="paper: dense prefix M (default: the run's training context_len)")
+    e.add_argument("--batches", type=int, help="paper: batches of --batch-size blocks (default 7)")
+    e.add_argument("--rows", type=int, help="paper: rows read from the data (default 2000)")
+    e.add_argument("--grid-points", type=int, help="paper: evaluate only this many grid targets, spread evenly "
+                   "over the nominal net keep (default: all)")
+    e.add_argument("--front-points", type=int, help="paper: front targets rerun with --trials random schedules "
+                   "(default 8)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], help="paper: the LM's dtype (default bfloat16)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
     e.set_defaults(fn=cmd_eval_ppl)
