@@ -12,6 +12,7 @@ from pathlib import Path
 
 from soljax.errors import SoljaxError
 
+from soljax.tools import paper_eval
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
 GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage of every axis. Generating "
@@ -216,42 +217,13 @@ def _sweep_config(args):
     return SweepConfig(**kw)
 
 
-PAPER_ONLY = ("prefix", "batches", "rows", "grid_points", "front_points", "dtype")
-
-
-def _eval_ppl_paper(args) -> None:
-    """``soljax eval ppl --protocol paper``: the paper's perplexity protocol (soljax.eval.protocol)."""
-    from soljax.eval.paper_report import write_paper_report
-    from soljax.eval.protocol import PaperConfig, eval_paper
-
-    for flag in ("targets", "methods", "static", "blocks", "split", "guard"):
-        if getattr(args, flag) not in (None, False):
-            raise SoljaxError(f"--{flag} does not go with --protocol paper (it scans the reference's target grid "
-                              f"over 7 x 16 unshuffled blocks; use --grid-points, --batches and --batch-size for "
-                              f"smaller runs)")
-    given = {k: getattr(args, k) for k in ("prefix", "batches", "batch_size", "rows", "dtype", "trials",
-                                           "grid_points", "front_points") if getattr(args, k) is not None}
-    pc = PaperConfig(data=args.data, seed=args.seed, **given)
-    out = Path(args.out) if args.out else Path(args.run) / "eval_paper"
-    result = eval_paper(args.run, pc, out, progress=not args.quiet)
-    paths = write_paper_report(out)
-    if args.json:
-        print(json.dumps({"protocol": result["protocol"], "front": result["front"]["points"]}))
-    else:
-        print(paths["report"].read_text())
-    print(f"soljax: paper-protocol evaluation written to {out} (report.md, pareto.png, protocol.json, scan/, front/)",
-          file=sys.stderr)
-
-
 def cmd_eval_ppl(args) -> None:
     from soljax.eval.sweep import eval_ppl
     from soljax.eval.report import write_report
 
     if args.protocol == "paper":
-        return _eval_ppl_paper(args)
-    for flag in PAPER_ONLY:
-        if getattr(args, flag) is not None:
-            raise SoljaxError(f"--{flag.replace('_', '-')} needs --protocol paper")
+        return paper_eval.run(args)
+    paper_eval.check_default_protocol(args)
 
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     result = eval_ppl(args.run, _sweep_config(args), out, progress=not args.quiet)
@@ -267,12 +239,7 @@ def cmd_eval_ppl(args) -> None:
 def cmd_eval_report(args) -> None:
     from soljax.eval.report import write_report
 
-    if (Path(args.sweep) / "protocol.json").is_file():  # a paper-protocol evaluation
-        from soljax.eval.paper_report import write_paper_report
-
-        paths = write_paper_report(Path(args.sweep))
-        print(paths["report"].read_text())
-        print(f"soljax: report written to {paths['report']}", file=sys.stderr)
+    if paper_eval.report(Path(args.sweep)):  # a paper-protocol evaluation
         return
     paths = write_report(Path(args.sweep))
     print(paths["report"].read_text())
@@ -410,18 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guard", action="store_true", help=GUARD_HELP)
     e.add_argument("--split", choices=["valid", "test"], help="valid: the first 64 shuffled "
                    "blocks, for choosing settings; test (default): the blocks after them, for reporting")
-    e.add_argument("--protocol", choices=["soljax", "paper"], default="soljax", help="paper: the paper's protocol "
-                   "(docs/paper_protocol.md): WikiText-2 validation, 7 x 16 unshuffled blocks, the run's M and T, "
-                   "the LM in bfloat16, the reference's target grid, the policy's Pareto front against fixed and "
-                   "best-of-N random")
-    e.add_argument("--prefix", type=int, help="paper: dense prefix M (default: the run's training context_len)")
-    e.add_argument("--batches", type=int, help="paper: batches of --batch-size blocks (default 7)")
-    e.add_argument("--rows", type=int, help="paper: rows read from the data (default 2000)")
-    e.add_argument("--grid-points", type=int, help="paper: evaluate only this many grid targets, spread evenly "
-                   "over the nominal net keep (default: all)")
-    e.add_argument("--front-points", type=int, help="paper: front targets rerun with --trials random schedules "
-                   "(default 8)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], help="paper: the LM's dtype (default bfloat16)")
+    paper_eval.add_arguments(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
     e.set_defaults(fn=cmd_eval_ppl)
