@@ -104,7 +104,10 @@ def paper_markdown(result: dict) -> str:
                 f"below the best random schedule at {oracle}.", ""]
     out += ["## Fronts over the whole scan", "",
             f"Lower envelopes (perplexity @ realized net keep) over all {rec['grid']['scanned']} scanned targets; "
-            "each fixed point is matched to the policy's realized usage at the same target.", ""]
+            "each fixed point is matched to the policy's realized usage at the same target. The scan and the rerun "
+            "are different compiled programs (another number of schedules per block); under low-bit quantization "
+            "and pruning their last-bit differences move single blocks by up to tenths of a nat, so compare "
+            "methods within the front table above (one call, paired), not across the two sections.", ""]
     for m in ("policy", "fixed"):
         pts = pareto_front([p for p in scan["points"] if p["method"] == m])
         out.append(f"- **{m}**: " + ", ".join(f"{p['ppl']:.2f} @ {p['net_keep']:.3f}" for p in pts))
