@@ -12,6 +12,7 @@ from pathlib import Path
 
 from soljax.errors import SoljaxError
 
+from soljax.tools import paper_eval
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
 GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage of every axis. Generating "
@@ -203,8 +204,10 @@ def _sweep_config(args):
     from soljax.compress.targets import parse_targets
     from soljax.eval.sweep import SweepConfig
 
-    kw = dict(data=args.data, num_blocks=args.blocks, batch_size=args.batch_size, random_trials=args.trials,
-              seed=args.seed, gamma=args.gamma, guard=args.guard, split=args.split)
+    given = lambda v, default: default if v is None else v  # noqa: E731
+    kw = dict(data=given(args.data, "eval"), num_blocks=given(args.blocks, 64), batch_size=given(args.batch_size, 8),
+              random_trials=given(args.trials, 30), seed=args.seed, gamma=args.gamma, guard=args.guard,
+              split=given(args.split, "test"))
     if args.targets:
         kw["targets"] = parse_targets(args.targets)
     if args.methods:
@@ -217,6 +220,10 @@ def _sweep_config(args):
 def cmd_eval_ppl(args) -> None:
     from soljax.eval.sweep import eval_ppl
     from soljax.eval.report import write_report
+
+    if args.protocol == "paper":
+        return paper_eval.run(args)
+    paper_eval.check_default_protocol(args)
 
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     result = eval_ppl(args.run, _sweep_config(args), out, progress=not args.quiet)
@@ -232,6 +239,8 @@ def cmd_eval_ppl(args) -> None:
 def cmd_eval_report(args) -> None:
     from soljax.eval.report import write_report
 
+    if paper_eval.report(Path(args.sweep)):  # a paper-protocol evaluation
+        return
     paths = write_report(Path(args.sweep))
     print(paths["report"].read_text())
     print(f"soljax: report written to {paths['report']}", file=sys.stderr)
@@ -352,20 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     e = ev.add_parser("ppl", help="perplexity sweep: the policy at several targets vs budget-matched baselines")
     e.add_argument("--run", required=True, help="a training run directory")
     e.add_argument("--out", help="output directory (default: RUN/eval)")
-    e.add_argument("--data", default="eval", help="evaluation text (default: the eval split, Persuasion)")
-    e.add_argument("--blocks", type=int, default=64, help="evaluation blocks (default 64)")
-    e.add_argument("--batch-size", type=int, default=8, help="blocks per compiled call (default 8)")
+    e.add_argument("--data", help="evaluation text (default: the eval split, Persuasion; with --protocol paper: "
+                   "WikiText-2 validation through `datasets`, or a local text file, dataset directory or hf: source "
+                   "read the same way)")
+    e.add_argument("--blocks", type=int, help="evaluation blocks (default 64)")
+    e.add_argument("--batch-size", type=int, help="blocks per compiled call (default 8; paper: 16)")
     e.add_argument("--targets", metavar="T,P,Q;...", help="target triples: token keep, MLP-input keep, "
                    "quant as bits/16 ratio or bit width (default: a diagonal through the grid)")
-    e.add_argument("--trials", type=int, default=30, help="random schedules per target (best-of-N and mean)")
+    e.add_argument("--trials", type=int, help="random schedules per target (best-of-N and mean; default 30)")
     e.add_argument("--methods", nargs="+", help="subset of: policy fixed random emc dac dense static")
     e.add_argument("--static", nargs="+", metavar="KIND:VALUE", help="static points, e.g. quest:0.3 teal:0.6 "
                    "zeroquant:8 (default: one per lower grid level)")
     e.add_argument("--gamma", type=float, default=0.35, help="EMC/DAC signal weight (default 0.35)")
     e.add_argument("--seed", type=int, default=0, help="block choice and random schedules")
     e.add_argument("--guard", action="store_true", help=GUARD_HELP)
-    e.add_argument("--split", choices=["valid", "test"], default="test", help="valid: the first 64 shuffled "
+    e.add_argument("--split", choices=["valid", "test"], help="valid: the first 64 shuffled "
                    "blocks, for choosing settings; test (default): the blocks after them, for reporting")
+    paper_eval.add_arguments(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--json", action="store_true", help='print {"points": [...]} instead of the report')
     e.set_defaults(fn=cmd_eval_ppl)

@@ -88,9 +88,10 @@ def _style(method: str):
     return _STYLE.get(key, ("black", "*"))
 
 
-def plot_pareto(points: list[dict], out_path: Path, title: str = "") -> Path:
+def plot_pareto(points: list[dict], out_path: Path, title: str = "", errorbars: bool = True) -> Path:
     """Perplexity vs realized net keep: every method's points, its Pareto front as a line, the
-    policy's and fixed baseline's 95% intervals, dense and static single-axis points labelled."""
+    policy's and fixed baseline's 95% intervals (unless ``errorbars`` is false: many points), dense
+    and static single-axis points labelled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     methods = [m for m in dict.fromkeys(p["method"] for p in points if p["sweep"] is not None)]
@@ -99,7 +100,7 @@ def plot_pareto(points: list[dict], out_path: Path, title: str = "") -> Path:
         colour, marker = _style(m)
         x = [p["net_keep"] for p in pts]
         y = [p["ppl"] for p in pts]
-        if m in ("policy", "fixed"):
+        if errorbars and m in ("policy", "fixed"):
             err = np.array([[p["ppl"] - p["ppl_ci"][0] for p in pts], [p["ppl_ci"][1] - p["ppl"] for p in pts]])
             ax.errorbar(x, y, yerr=err, fmt="none", ecolor=colour, alpha=0.35, capsize=2)
         ax.scatter(x, y, color=colour, marker=marker, s=28, alpha=0.55)
