@@ -30,11 +30,6 @@ SHAPES = {
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
 }
 
-_CHILD = {
-    "convert": "from soljax.lm.convert import convert; convert(Path(a[0]), Path(a[1]), dtype=a[2], quiet=True)",
-    "load": "from soljax.lm.checkpoint import load_model; load_model(Path(a[0]), dtype=a[1])",
-}
-
 
 def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape of a Llama model with config ``hf``."""
@@ -100,27 +95,50 @@ def write_synthetic_llama(out: Path, shape: str = "llama-3.2-1b", shard_bytes: i
             "largest_tensor": largest, "largest_tensor_parameters": math.prod(shapes[largest])}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: ``VmHWM`` where /proc has it (it starts at exec, whereas
+    ``ru_maxrss`` starts from the parent's size at fork), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_child(what: str, *args: str) -> dict:
+    """In this process: ``convert SRC OUT DTYPE``, ``load DIR DTYPE`` or ``imports`` (only what a
+    conversion imports); its seconds and peak RSS."""
+    import time
+
+    start = time.perf_counter()
+    if what == "convert":
+        from soljax.lm.convert import convert
+
+        convert(Path(args[0]), Path(args[1]), dtype=args[2], quiet=True)
+    elif what == "load":
+        from soljax.lm.checkpoint import load_model
+
+        load_model(Path(args[0]), dtype=args[1])
+    else:
+        import jax  # noqa: F401
+        import orbax.checkpoint  # noqa: F401
+
+        import soljax.lm.checkpoint  # noqa: F401
+        import soljax.lm.convert  # noqa: F401
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def _child(what: str, *args: str) -> dict:
-    """Runs ``what`` (convert or load) in a fresh interpreter; its peak RSS and seconds."""
-    code = ("import json, resource, sys, time; from pathlib import Path; a = sys.argv[1:]; "
-            "t = time.perf_counter(); " + _CHILD[what] + "; "
-            "print(json.dumps({'seconds': time.perf_counter() - t, "
-            "'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
+    """:func:`run_child` in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "soljax.tools.bench_convert", what, *args], capture_output=True,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _baseline() -> dict:
-    """Peak RSS of a fresh interpreter that only imports what a conversion imports."""
-    code = ("import json, resource; import soljax.lm.convert, soljax.lm.checkpoint, orbax.checkpoint, jax; "
-            "print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
-    if proc.returncode != 0:
-        raise RuntimeError(f"import baseline failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -137,7 +155,7 @@ def bench_convert(shape: str = "llama-3.2-1b", dtype: str = "bfloat16", tmp: str
         if progress:
             progress("loading the converted model")
         load = _child("load", str(out), dtype)
-        base = _baseline()
+        base = _child("imports")
     size = ckpt["parameters"] * itemsize
     return {**ckpt, "dtype": dtype, "stored_bytes": 4 * ckpt["parameters"], "target_dtype_bytes": size,
             "largest_tensor_float32_bytes": 4 * ckpt["largest_tensor_parameters"],
@@ -163,3 +181,7 @@ def format_table(r: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_child(*sys.argv[1:])))
