@@ -64,12 +64,13 @@ def _num_params(cfg) -> int:
 
 def cmd_convert(args) -> None:
     from soljax.lm.convert import check_output_dir, convert
-    from soljax.lm.hub import source_path
+    from soljax.lm.hub import parse_model_id, source_path
 
     check_output_dir(Path(args.out), args.force)  # before any download
     src = source_path(args.src)
+    hf_id = None if src == Path(args.src).expanduser() else parse_model_id(args.src)
     cfg = convert(src, Path(args.out), dtype=args.dtype, force=args.force,
-                  source=None if src == Path(args.src).expanduser() else f"{args.src}@{src.name}")
+                  source=f"{hf_id[0]}@{src.name}" if hf_id else None)
     print(f"converted {args.src} -> {args.out} ({cfg.arch}, {_num_params(cfg) / 1e6:.1f}M parameters, "
           f"{cfg.dtype})")
 
