@@ -22,9 +22,11 @@ GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage 
               "them. A target below the run grid's cheapest level cannot be capped and is refused")
 
 
-def _model_dir(arg: str | None) -> Path:
+def _model_dir(arg: str | None, dtype: str | None = None) -> Path:
     if arg:
-        return Path(arg)
+        from soljax.runs import model_directory
+
+        return model_directory(arg, dtype or "float32")
     from soljax.data.embedded import embedded_model_dir
 
     path = embedded_model_dir()
@@ -36,7 +38,7 @@ def _model_dir(arg: str | None) -> Path:
 def _load(arg: str | None, dtype: str | None = None):
     from soljax.lm.checkpoint import load_model
 
-    return load_model(_model_dir(arg), dtype=dtype)
+    return load_model(_model_dir(arg, dtype), dtype=dtype)
 
 
 def cmd_setup(args) -> None:
@@ -62,9 +64,14 @@ def _num_params(cfg) -> int:
 
 
 def cmd_convert(args) -> None:
-    from soljax.lm.convert import convert
+    from soljax.lm.convert import check_output_dir, convert
+    from soljax.lm.hub import parse_model_id, source_path
 
-    cfg = convert(Path(args.src), Path(args.out), dtype=args.dtype, force=args.force)
+    check_output_dir(Path(args.out), args.force)  # before any download
+    src = source_path(args.src)
+    hf_id = None if src == Path(args.src).expanduser() else parse_model_id(args.src)
+    cfg = convert(src, Path(args.out), dtype=args.dtype, force=args.force,
+                  source=f"{hf_id[0]}@{src.name}" if hf_id else None)
     print(f"converted {args.src} -> {args.out} ({cfg.arch}, {_num_params(cfg) / 1e6:.1f}M parameters, "
           f"{cfg.dtype})")
 
@@ -193,6 +200,12 @@ def cmd_bench(args) -> None:
                                dtype=args.dtype, repeats=args.repeats, progress=say)
         print(json.dumps(result) if args.json else format_table(result))
         return
+    if args.what == "convert":
+        from soljax.tools.bench_convert import bench_convert, format_table
+
+        result = bench_convert(args.shape, args.dtype or "bfloat16", progress=say)
+        print(json.dumps(result) if args.json else format_table(result))
+        return
     from soljax.tools.bench import bench_rollout, format_table
 
     result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
@@ -280,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_setup)
 
     s = sub.add_parser("convert", help="convert a Hugging Face directory or GGUF file")
-    s.add_argument("--from", dest="src", required=True, help="HF model directory or .gguf file")
+    s.add_argument("--from", dest="src", required=True, help="HF model directory, .gguf file or Hugging Face "
+                   "id org/name[@revision] (from the local HF cache, else downloaded)")
     s.add_argument("--out", required=True, help="output soljax model directory")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--force", action="store_true", help="write into a non-empty --out directory that is not "
@@ -288,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("info", help="print a converted model's config and parameter count")
-    s.add_argument("model", nargs="?", help="soljax model directory (default: the embedded model)")
+    s.add_argument("model", nargs="?", help="soljax model directory or any --model name (default: the embedded "
+                   "model)")
     s.set_defaults(fn=cmd_info)
 
     def model_args(s):
-        s.add_argument("--model", help="soljax model directory (default: the embedded model)")
+        s.add_argument("--model", help="soljax model directory, HF directory, .gguf file or Hugging Face id "
+                       "org/name[@revision] (converted once into the cache; default: the embedded model)")
         s.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype override")
 
     s = sub.add_parser("generate", help="generation from one or more prompts, dense or with a SOL policy")
@@ -342,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update; "
-                                     "kernels: dense vs sparse decode attention and MLP)")
-    s.add_argument("what", choices=["rollout", "kernels"])
+                                     "kernels: dense vs sparse decode attention and MLP; "
+                                     "convert: peak memory of converting and loading a 1B+ model)")
+    s.add_argument("what", choices=["rollout", "kernels", "convert"])
     s.add_argument("--context", type=int, nargs="+",
                    help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels)")
     s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])
@@ -352,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--impl", nargs="+", choices=["xla", "pallas"],
                    help="kernels: implementations (default: xla, plus pallas on a GPU or TPU)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="kernels: data type (default: bfloat16 on accelerators, float32 on CPU)")
+                   help="kernels: data type (default: bfloat16 on accelerators, float32 on CPU); "
+                        "convert: target dtype (default bfloat16)")
+    s.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "llama-3.2-3b"],
+                   help="convert: the synthetic model's shapes (random float32 weights in a temporary "
+                        "directory, $TMPDIR)")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.set_defaults(fn=cmd_bench)
 

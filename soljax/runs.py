@@ -16,6 +16,7 @@ policy, its LM, and the controlled model made of them.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -107,25 +108,34 @@ def load_policy(run_dir: str | Path, step: int | None = None) -> tuple[TrainConf
     return cfg, load_checkpoint(run_dir, step)["policy"]
 
 
-def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = None,
-            dtype: str | None = None) -> tuple:
-    """The frozen LM of a run (``cfg.model``: ``embedded`` or a converted model directory; or
-    ``model_dir``) as ``(LMConfig, params, tokenizer)`` in ``dtype`` (default the run's);
-    ``sharding``: ``(path, shape) -> sharding`` to restore the parameters straight onto a mesh (each
-    host reads only its own shards)."""
-    from soljax.lm.checkpoint import load_model
+def model_directory(name: str | Path, dtype: str = "float32") -> Path:
+    """The soljax model directory of a model name: ``embedded`` (fetched and converted on first
+    use), a soljax model directory, a Hugging Face model directory or ``.gguf`` file, or a Hugging
+    Face id ``org/name[@revision]`` from the local Hugging Face cache or downloaded; anything but a
+    soljax model directory is converted in ``dtype`` once into the soljax cache and reused (see
+    :mod:`soljax.lm.hub`)."""
+    from soljax.data.assets import cache_dir
+    from soljax.lm.hub import resolve_model
 
-    model = str(cfg.model if model_dir is None else model_dir)
-    if model == "embedded":
+    if str(name) == "embedded":
         from soljax.data.embedded import ensure_embedded_model
 
-        model = ensure_embedded_model()
-    elif not Path(model).exists() and "/" in model and not model.startswith((".", "/")):
-        raise SoljaxError(f"model {model!r} is a Hugging Face name: convert a local copy first "
-                          f"(soljax convert --from HF_DIR --out DIR) and pass model=DIR")
-    elif not Path(model).is_dir():
-        raise SoljaxError(f"model directory not found: {model}")
-    return load_model(Path(model), dtype=dtype or cfg.dtype, sharding=sharding)
+        return ensure_embedded_model()
+    return resolve_model(name, dtype=dtype, models_dir=cache_dir() / "models",
+                         say=lambda msg: print(f"soljax: {msg}", file=sys.stderr, flush=True))
+
+
+def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = None,
+            dtype: str | None = None) -> tuple:
+    """The frozen LM of a run (``cfg.model``, or ``model_dir``: any model name
+    :func:`model_directory` takes) as ``(LMConfig, params, tokenizer)`` in ``dtype`` (default the
+    run's); ``sharding``: ``(path, shape) -> sharding`` to restore the parameters straight onto a
+    mesh (each host reads only its own shards)."""
+    from soljax.lm.checkpoint import load_model
+
+    dtype = dtype or cfg.dtype
+    model = model_directory(cfg.model if model_dir is None else model_dir, dtype)
+    return load_model(model, dtype=dtype, sharding=sharding)
 
 
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",

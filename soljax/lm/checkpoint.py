@@ -1,7 +1,13 @@
 """A converted model directory: ``model.json`` (config), ``tokenizer.json``, ``params/`` (orbax).
 
 Parameters always restore against an abstract tree built from the config (shapes, dtypes and,
-when given, shardings), so a model saved on one device layout loads onto any other.
+when given, shardings), so a model saved on one device layout loads onto any other, and in any
+dtype: orbax casts while reading, so loading a float32 model in bfloat16 never holds it in float32.
+
+A conversion writes host (numpy) parameters with :func:`save_host_params`: no copy of the tree is
+made while writing, and each array goes to disk in chunks of at most :data:`HOST_CHUNK_BYTES`
+(one directory per array rather than orbax's single OCDBT store, which buffers everything until it
+commits). Both layouts restore the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from soljax.lm.tokenizer import Tokenizer
 
 FORMAT = "soljax-lm"
 VERSION = 1
+#: Largest chunk a converted array is written in (and later read in).
+HOST_CHUNK_BYTES = 64 * 2**20
 
 
 @contextlib.contextmanager
@@ -38,6 +46,25 @@ def save_params(path: Path, params) -> None:
     with _checkpointer() as ckpt:
         ckpt.save(Path(path).absolute(), params, force=True)
         ckpt.wait_until_finished()
+
+
+def save_host_params(path: Path, params) -> None:
+    """Writes a pytree of numpy arrays with orbax (overwrites), without copying it: arrays are
+    written in place in chunks of at most :data:`HOST_CHUNK_BYTES`, so the peak memory is the tree
+    plus a few chunks. Restores with :func:`restore_params` like :func:`save_params`' checkpoints."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
+
+    registry = type_handlers.create_type_handler_registry(
+        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=HOST_CHUNK_BYTES), params)
+    ckpt = ocp.Checkpointer(handler)
+    try:
+        ckpt.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params, save_args=save_args), force=True)
+    finally:
+        ckpt.close()
 
 
 def restore_params(path: Path, target):
@@ -84,9 +111,14 @@ def _check_against(stored, target, path: Path) -> None:
 
 
 def save_model(out: Path, cfg: LMConfig, params, tokenizer: Tokenizer, source: str = "") -> None:
+    """Writes a model directory; ``params`` are device arrays or, from a conversion, numpy arrays
+    (written without a copy, see :func:`save_host_params`)."""
+    import numpy as np
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_params(out / "params", params)
+    host = all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
+    (save_host_params if host else save_params)(out / "params", params)
     tokenizer.save(out / "tokenizer.json")
     meta = {"format": FORMAT, "version": VERSION, "source": source, "config": cfg.to_dict()}
     (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -115,16 +147,15 @@ def load_config(directory: Path) -> LMConfig:
 def load_model(directory: Path, dtype: str | None = None, sharding=None):
     """Loads ``(cfg, params, tokenizer)`` from a converted model directory.
 
-    ``dtype`` ("float32" or "bfloat16") overrides the stored parameter dtype; ``sharding`` is
-    passed to :func:`soljax.lm.params.abstract_params`.
+    ``dtype`` ("float32" or "bfloat16") overrides the stored parameter dtype (the parameters are
+    cast as they are read: no copy in the stored dtype is made); ``sharding`` is passed to
+    :func:`soljax.lm.params.abstract_params`.
     """
     directory = Path(directory).expanduser()
     cfg = load_config(directory)
-    stored = abstract_params(cfg, sharding)
-    params = restore_params(directory / "params", stored)
-    if dtype is not None and dtype != cfg.dtype:
+    if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    params = restore_params(directory / "params", abstract_params(cfg, sharding))
     return cfg, params, Tokenizer.from_file(directory / "tokenizer.json")
 
 

@@ -6,6 +6,7 @@ layout; they are permuted back here so the weights work with rotate-half RoPE.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,9 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class GGUFTensors:
-    """Maps HF tensor names to dequantized float32 arrays (computed on access)."""
+    """Maps HF tensor names to dequantized float32 arrays, computed on access a block of rows at a
+    time (:meth:`rows`); the file's pages read for a block are released after it, so converting
+    never keeps more of the file resident than one block."""
 
     def __init__(self, reader, cfg: LMConfig):
         self._cfg = cfg
@@ -107,23 +110,53 @@ class GGUFTensors:
             if hf is None:
                 raise SoljaxError(f"unexpected tensor {t.name!r} in GGUF file")
             self._by_hf[hf] = t
+        self._mmap = getattr(reader.data, "_mmap", None)
 
     def keys(self):
         return self._by_hf.keys()
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._by_hf[name].shape))
+
+    def _heads(self, name: str) -> int | None:
+        """Heads whose rows llama.cpp interleaved in tensor ``name`` (None: rows as stored)."""
+        if self._cfg.arch != "llama":
+            return None
+        if ".q_proj." in name:
+            return self._cfg.num_heads
+        return self._cfg.num_kv_heads if ".k_proj." in name else None
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name`` (HF layout), dequantized to float32."""
         from gguf.quants import dequantize
 
-        t = self._by_hf[name]
+        t, shape = self._by_hf[name], self.shape(name)
+        heads = self._heads(name)
+        lo, hi = start, stop
+        if heads is not None:  # un-interleave whole heads
+            per_head = shape[0] // heads
+            lo, hi = lo - lo % per_head, -(-hi // per_head) * per_head
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.asarray(dequantize(t.data[lo:hi], t.tensor_type), dtype=np.float32)
         except Exception as e:
             raise SoljaxError(f"cannot dequantize GGUF tensor {t.name!r}: {e}") from None
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if self._cfg.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            heads = self._cfg.num_heads if ".q_proj." in name else self._cfg.num_kv_heads
-            w = unpermute_rows(w, heads)
-        return w
+        finally:
+            self._release()
+        w = w.reshape((hi - lo, *shape[1:]))
+        if heads is not None:
+            w = unpermute_rows(w, (hi - lo) // (shape[0] // heads))
+        return w[start - lo: stop - lo]
+
+    def _release(self) -> None:
+        """Drops the file pages read so far from this process's memory (they are re-read if needed)."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.rows(name, 0, self.shape(name)[0])
 
 
 def tokenizer_json_from_gguf(reader) -> str:

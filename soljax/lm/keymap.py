@@ -4,6 +4,10 @@ Each rule names an HF key pattern (``{i}`` is the layer index), the soljax leaf,
 tensor is laid out. The same table drives import (HF -> soljax) and export (soljax -> HF), so a
 round trip is exact. Linear weights in HF are ``[out, in]``; soljax stores ``x @ W`` layouts
 with heads split out, e.g. ``wq [D, Hq, Dh]`` and ``wo [Hq, Dh, D]``.
+
+Import streams: each tensor is read a block of rows at a time (at most :data:`BLOCK_BYTES` of
+float32), cast to the target dtype and written into its place in the parameter tree, so the only
+full copy of the model in memory is the tree itself, in the target dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from soljax.errors import SoljaxError
 from soljax.lm.config import LMConfig
 from soljax.lm.params import param_shapes
 
+#: Float32 bytes of one tensor read, cast and written at a time while importing.
+BLOCK_BYTES = 64 * 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -26,12 +33,27 @@ class Rule:
     in_axes: int | None = None  # k: transposed; the first k of our axes form HF's "in" axis
     flat: bool = False  # HF stores the tensor flattened (biases split into heads here)
 
-    def to_ours(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.in_axes is not None:
-            w = w.T
-        if w.size != math.prod(shape):
-            raise SoljaxError(f"tensor {self.hf}: expected {shape}, found shape {tuple(w.shape)}")
-        return w.reshape(shape)
+    def fill(self, dest: np.ndarray, source, key: str) -> None:
+        """Writes HF tensor ``key`` of ``source`` (see :func:`hf_to_params`) into ``dest`` (our
+        layout, any float dtype), a block of rows at a time, each block cast through float32."""
+        shape = tuple(source.shape(key))
+        if math.prod(shape) != dest.size:
+            raise SoljaxError(f"tensor {self.hf}: expected {tuple(dest.shape)}, found shape {shape}")
+        n = shape[0] if shape else 1
+        row = math.prod(shape[1:]) if shape else 1
+        step = max(1, BLOCK_BYTES // (4 * max(row, 1)))
+        transposed = self.in_axes is not None
+        if transposed and len(shape) != 2:  # not a matrix: transpose it whole
+            dest[...] = np.asarray(source.rows(key, 0, n), np.float32).T.reshape(dest.shape)
+            return
+        view = _view(dest, (shape[1], n) if transposed else (n, row))  # HF rows: our columns if transposed
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            block = np.asarray(source.rows(key, a, b), np.float32).reshape(b - a, row)
+            if transposed:
+                view[:, a:b] = block.T
+            else:
+                view[a:b] = block
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
         if self.in_axes is None:
@@ -111,17 +133,47 @@ def match_hf(key: str) -> tuple[Rule, int | None] | None:
     return None
 
 
-def hf_to_params(cfg: LMConfig, tensors, dtype=np.float32) -> dict:
-    """Builds the soljax parameter tree (numpy) from ``tensors``: a mapping HF key -> array-like.
+def _view(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` reshaped without copying (raises if that is impossible), so writes land in ``x``."""
+    v = x.view()
+    v.shape = shape
+    return v
 
-    ``tensors`` may be lazy (values are fetched on access). Missing or unexpected tensors and
-    shape mismatches raise :class:`SoljaxError`.
+
+class _Arrays:
+    """A mapping HF key -> array seen as a tensor source (``keys``, ``shape``, ``rows``)."""
+
+    def __init__(self, tensors):
+        self._t = tensors
+
+    def keys(self):
+        return self._t.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._t[key]))
+
+    def rows(self, key: str, start: int, stop: int) -> np.ndarray:
+        x = np.asarray(self._t[key])
+        return x[start:stop] if x.ndim else x
+
+
+def hf_to_params(cfg: LMConfig, tensors, dtype=np.float32) -> dict:
+    """Builds the soljax parameter tree (numpy, in ``dtype``) from ``tensors``, streaming.
+
+    ``tensors`` is a tensor source: ``keys()``, ``shape(key)`` and ``rows(key, start, stop)``
+    (rows of the HF tensor along its first axis, any float dtype), as
+    :class:`~soljax.lm.safetensors_io.SafetensorsDir` and :class:`~soljax.lm.gguf_io.GGUFTensors`
+    are; or a plain mapping HF key -> array. Each tensor is read and cast a block of rows at a
+    time (see :data:`BLOCK_BYTES`). Missing or unexpected tensors and shape mismatches raise
+    :class:`SoljaxError`.
     """
+    source = tensors if hasattr(tensors, "rows") else _Arrays(tensors)
+    dtype = np.dtype(dtype)
     shapes = param_shapes(cfg)
     out: dict = {k: None for k in shapes if k != "layers"}
     out["layers"] = {}
     filled: dict[str, set] = {}
-    for key in tensors.keys():
+    for key in source.keys():
         if _IGNORED.match(key):
             continue
         found = match_hf(key)
@@ -139,12 +191,14 @@ def hf_to_params(cfg: LMConfig, tensors, dtype=np.float32) -> dict:
                 raise SoljaxError(f"tensor {key!r} is past the config's {cfg.num_layers} layers")
             if name not in out["layers"]:
                 out["layers"][name] = np.empty(full, dtype)
-            out["layers"][name][layer] = rule.to_ours(np.asarray(tensors[key]), full[1:])
+            rule.fill(out["layers"][name][layer], source, key)
             filled.setdefault(name, set()).add(layer)
         else:
             if rule.ours not in shapes:
                 raise SoljaxError(f"unexpected tensor {key!r}: the config has no {rule.ours}")
-            out[rule.ours] = rule.to_ours(np.asarray(tensors[key]), shapes[rule.ours]).astype(dtype)
+            if out[rule.ours] is None:
+                out[rule.ours] = np.empty(shapes[rule.ours], dtype)
+            rule.fill(out[rule.ours], source, key)
     missing = [k for k, v in out.items() if k != "layers" and v is None]
     for name, full in shapes["layers"].items():
         absent = set(range(full[0])) - filled.get(name, set())

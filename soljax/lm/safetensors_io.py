@@ -1,4 +1,8 @@
-"""Lazy, validating reader for (sharded) safetensors checkpoints, bf16 included."""
+"""Lazy, validating reader for (sharded) safetensors checkpoints, bf16 included.
+
+Tensors are read from the files on demand, a block of rows at a time if asked
+(:meth:`SafetensorsDir.rows`), so converting a checkpoint never holds more of it than one block.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ _DTYPES = {
 
 
 class SafetensorsDir:
-    """Maps tensor names to lazily loaded numpy arrays over every ``*.safetensors`` file of a dir."""
+    """Maps tensor names to lazily read numpy arrays over the ``*.safetensors`` files of a dir
+    (only the shards its ``model.safetensors.index.json`` lists, when it has one)."""
 
     def __init__(self, directory: Path):
         files = sorted(Path(directory).glob("*.safetensors"))
@@ -29,11 +34,12 @@ class SafetensorsDir:
         if index.exists():
             try:
                 wanted = set(json.loads(index.read_text())["weight_map"].values())
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise SoljaxError(f"{index} is not a valid safetensors index: {e}") from None
             absent = sorted(wanted - {f.name for f in files})
             if absent:
                 raise SoljaxError(f"{directory} is missing shards listed in its index: {absent}")
+            files = [f for f in files if f.name in wanted]  # e.g. a consolidated copy beside the shards
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for f in files:
             header, data_start = _read_header(f)
@@ -44,11 +50,25 @@ class SafetensorsDir:
     def keys(self):
         return self._where.keys()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of tensor ``name``, in its stored dtype, read
+        from the file into a new array (nothing stays mapped)."""
+        path, info, data_start = self._where[name]
+        shape = tuple(info["shape"])
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        if not shape:
+            start, stop = 0, 1
+        row = math.prod(shape[1:]) * dtype.itemsize
+        begin = info["data_offsets"][0] + start * row
+        raw = np.fromfile(path, dtype=np.uint8, count=(stop - start) * row, offset=data_start + begin)
+        return raw.view(dtype).reshape((stop - start, *shape[1:]) if shape else ())
+
     def __getitem__(self, name: str) -> np.ndarray:
-        path, info, start = self._where[name]
-        begin, end = info["data_offsets"]
-        arr = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-        return arr.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0] if shape else 1)
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
