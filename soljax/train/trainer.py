@@ -185,7 +185,8 @@ class Trainer:
         targets = sample_targets(cfg, k_targets, B)
         traj = rollout(self.lm_cfg, self.scfg, lm_params, blocks, targets, self.controller, state.policy,
                        k_roll, context_len=cfg.context_len, schedules=K, dense_kl=cfg.task_w_kl > 0,
-                       copy_prefix=cfg.rollout_engine == "copied")
+                       copy_prefix=cfg.rollout_engine == "copied",
+                       feed_effective=False)  # training feeds back the sampled action (reference)
         u = episode_usage(traj.usage, traj.effective)  # [B, K, 3]
         usage = {axis: u[..., i] for i, axis in enumerate(AXES)}
         adv, diag = compute_advantages(self.gcfg, traj.logp_true, traj.kl_dense, usage, targets, self.alphas)
