@@ -192,6 +192,12 @@ def cmd_bench(args) -> None:
                                dtype=args.dtype, repeats=args.repeats, progress=say)
         print(json.dumps(result) if args.json else format_table(result))
         return
+    if args.what == "tokenize":
+        from soljax.tools.bench_tokenize import bench_tokenize, format_table
+
+        result = bench_tokenize(args.repeats or 3, progress=say)
+        print(json.dumps(result) if args.json else format_table(result))
+        return
     from soljax.tools.bench import bench_rollout, format_table
 
     result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
@@ -333,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update; "
-                                     "kernels: dense vs sparse decode attention and MLP)")
-    s.add_argument("what", choices=["rollout", "kernels"])
+                                     "kernels: dense vs sparse decode attention and MLP; "
+                                     "tokenize: tokenization throughput on the embedded corpora)")
+    s.add_argument("what", choices=["rollout", "kernels", "tokenize"])
     s.add_argument("--context", type=int, nargs="+",
                    help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels)")
     s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])

@@ -106,7 +106,7 @@ class Trainer:
             self.lm_params = parallel.place(self.lm_params, self.plan.lm_shardings(self.lm_params))
         if blocks is None:
             blocks = load_blocks(cfg.data, self.tokenizer, context_len=cfg.context_len, rollout_len=cfg.rollout_len,
-                                 seed=cfg.seed, max_blocks=cfg.max_blocks)
+                                 seed=cfg.seed, max_blocks=cfg.max_blocks, max_docs=cfg.data_max_docs)
         self.blocks = np.asarray(blocks, np.int32)
         n_batches = int(math.floor(cfg.train_fraction * len(self.blocks) / cfg.batch_size))
         self.num_batches = min(n_batches, cfg.max_batches) if cfg.max_batches else n_batches
