@@ -1,6 +1,7 @@
 # One command to set up and run the main job, one to set up and run the tests.
 #   make demo   -> virtualenv + soljax + embedded assets, then `soljax demo`
-#   make test   -> the same plus test extras (torch for cross-checks, lm-eval), then pytest
+#   make test   -> the same plus test extras (torch for cross-checks, lm-eval, datasets), then pytest
+# Both install the exact versions in constraints.txt (pyproject.toml declares compatible ranges).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,12 +14,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,torch,eval]'
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,torch,eval,data]'
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

@@ -206,6 +206,12 @@ def cmd_bench(args) -> None:
         result = bench_convert(args.shape, args.dtype or "bfloat16", progress=say)
         print(json.dumps(result) if args.json else format_table(result))
         return
+    if args.what == "tokenize":
+        from soljax.tools.bench_tokenize import bench_tokenize, format_table
+
+        result = bench_tokenize(args.repeats or 3, progress=say)
+        print(json.dumps(result) if args.json else format_table(result))
+        return
     from soljax.tools.bench import bench_rollout, format_table
 
     result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
@@ -359,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update; "
                                      "kernels: dense vs sparse decode attention and MLP; "
-                                     "convert: peak memory of converting and loading a 1B+ model)")
-    s.add_argument("what", choices=["rollout", "kernels", "convert"])
+                                     "convert: peak memory of converting and loading a 1B+ model; "
+                                     "tokenize: tokenization throughput on the embedded corpora)")
+    s.add_argument("what", choices=["rollout", "kernels", "convert", "tokenize"])
     s.add_argument("--context", type=int, nargs="+",
                    help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels)")
     s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])

@@ -29,6 +29,7 @@ class TrainConfig:
     model: str = "embedded"
     data: str = "train"
     max_blocks: int | None = None
+    data_max_docs: int | None = 1_000_000  # rows read from an hf: source (the reference's Dolma cap)
     train_fraction: float = 1.0
     max_batches: int | None = None
     dtype: str = "float32"
@@ -123,6 +124,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None:
                 _positive_int(name, v)
+        if self.data_max_docs is not None:
+            _positive_int("data_max_docs", self.data_max_docs)
         if not 0 < self.train_fraction <= 1:
             raise SoljaxError(f"config: train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.grpo_rollouts_per_input < 2:

@@ -6,25 +6,31 @@ A *source* names some text:
 * a corpus name from :data:`soljax.data.assets.CORPORA`, e.g. ``"persuasion"``;
 * a path to a UTF-8 text file, or to a directory whose ``*.txt`` files are read in name order;
 * ``hf:DATASET[:CONFIG][:SPLIT][:FIELD]``: a Hugging Face dataset (needs ``datasets``, and the
-  network or its local cache); SPLIT defaults to ``train`` and FIELD to ``text``.
+  network or its local cache); SPLIT defaults to ``train`` and FIELD to ``text``. It is streamed:
+  only the first ``max_docs`` rows are read (default :data:`HF_MAX_DOCS`, the reference's
+  1,000,000; ``None`` reads the whole split), empty and whitespace-only texts among them are
+  skipped, and the texts are tokenized batch by batch as they arrive, so only token ids accumulate.
 
 Split and corpus names win over paths of the same name (write ``./train`` for a directory).
 Each text (file, novel or dataset row) is one document; documents are tokenized without special
-tokens and concatenated without separators, then cut into non-overlapping blocks of
+tokens, in batches of :data:`TOKENIZE_BATCH` texts, and concatenated without separators, then cut into non-overlapping blocks of
 ``context_len + rollout_len + 1`` tokens starting at token 0 (the remainder is dropped).
 
-The tokenizer is any object with ``encode(text) -> list[int]`` (no special tokens added) and a
-``fingerprint`` string identifying its vocabulary; token ids are cached as ``.npy`` files under
+The tokenizer is any object with ``encode(text) -> list[int]`` (no special tokens added), optionally
+``encode_batch(texts) -> list[list[int]]`` (used when present), and a ``fingerprint`` string
+identifying its vocabulary; token ids are cached as ``.npy`` files under
 ``<cache>/tokens/`` keyed by the source's content and that fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +42,10 @@ SPLITS = {
     "eval": ("persuasion",),
     "ood": ("mobydick",),
 }
-#: Default cap on the number of documents read from a Hugging Face dataset.
-HF_MAX_DOCS = 10_000
+#: Default cap on the number of rows read from a Hugging Face dataset (the reference's Dolma cap).
+HF_MAX_DOCS = 1_000_000
+#: Texts tokenized per call of the tokenizer's batch encoder (the reference's batch).
+TOKENIZE_BATCH = 512
 _CACHE_FORMAT = "soljax-tokens-v1"
 
 
@@ -69,54 +77,83 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str, str]:
     return parts[0], parts[1] or None, parts[2] or "train", parts[3] or "text"
 
 
-def _read_hf(source: str, max_docs: int) -> list[str]:
-    name, config, split, field = parse_hf_source(source)
+_END = object()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _open_hf(source: str, name: str, config: str | None, split: str) -> Iterator[Any]:
+    """The rows of a dataset split, streamed when possible (reads only what it needs), else from
+    the local ``datasets`` cache (memory-mapped, not held as text); the first row is fetched here
+    so that an unreachable dataset fails before anything is tokenized."""
     try:
         import datasets
     except ImportError as e:
-        raise SoljaxError(f"data source {source!r} needs the `datasets` package: pip install datasets") from e
-
-    def attempt(streaming: bool) -> list[str]:
-        rows = datasets.load_dataset(name, config, split=split, streaming=streaming)
-        texts: list[str] = []
-        for row in rows:
-            if field not in row:
-                raise SoljaxError(f"{source!r}: rows have no field {field!r} (fields: {', '.join(row)})")
-            text = row[field]
-            if isinstance(text, str) and text.strip():
-                texts.append(text)
-                if len(texts) >= max_docs:
-                    break
-        return texts
-
+        raise SoljaxError(f"data source {source!r} needs the `datasets` package: "
+                          "pip install 'soljax[data]' (or pip install datasets)") from e
     errors = []
-    for streaming in (True, False):  # streaming reads only what it needs; the plain load uses the local cache
+    for streaming in (True, False):
         try:
-            texts = attempt(streaming)
-        except SoljaxError:
-            raise
+            rows = iter(datasets.load_dataset(name, config, split=split, streaming=streaming))
+            first = next(rows, _END)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds of errors
-            errors.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            errors.append(_first_line(e))
             continue
-        if not texts:
-            raise SoljaxError(f"{source!r} has no non-empty {field!r} texts")
-        return texts
+        return iter(()) if first is _END else itertools.chain([first], rows)
     raise SoljaxError(
         f"cannot load Hugging Face dataset {source!r} ({errors[-1]}); it needs the network "
         "or a local datasets cache"
     )
 
 
+def iter_hf_texts(source: str, max_docs: int | None = HF_MAX_DOCS) -> Iterator[str]:
+    """The non-empty texts among the first ``max_docs`` rows (``None``: all) of an ``hf:`` source,
+    one at a time as the stream delivers them; empty and whitespace-only texts are skipped."""
+    name, config, split, field = parse_hf_source(source)
+    if max_docs is not None:
+        _check_positive("max_docs", max_docs)
+    rows = itertools.islice(_open_hf(source, name, config, split), max_docs)
+    found = 0
+    while True:
+        try:
+            row = next(rows, _END)
+        except Exception as e:  # noqa: BLE001 - a stream can fail midway (network, corrupt shard)
+            raise SoljaxError(f"reading {source!r} failed after {found} texts: {_first_line(e)}") from e
+        if row is _END:
+            break
+        if field not in row:
+            raise SoljaxError(f"{source!r}: rows have no field {field!r} (fields: {', '.join(row)})")
+        text = row[field]
+        if isinstance(text, str) and text.strip():
+            found += 1
+            yield text
+    if not found:
+        raise SoljaxError(f"{source!r} has no non-empty {field!r} texts")
+
+
+def iter_texts(source: str | os.PathLike, cache: Path | str | None = None, *,
+               max_docs: int | None = HF_MAX_DOCS) -> Iterator[str]:
+    """The documents of ``source`` one at a time (an ``hf:`` source is streamed; see the module
+    docstring)."""
+    src = os.fspath(source)
+    if isinstance(src, str) and src.startswith("hf:"):
+        return iter_hf_texts(src, max_docs)
+    return iter(read_texts(src, cache))
+
+
 def read_texts(source: str | os.PathLike, cache: Path | str | None = None, *,
-               max_docs: int = HF_MAX_DOCS) -> list[str]:
+               max_docs: int | None = HF_MAX_DOCS) -> list[str]:
     """The documents of ``source`` (see the module docstring), one string per document.
 
-    ``max_docs`` caps how many non-empty documents a Hugging Face source reads.
+    ``max_docs`` caps how many rows a Hugging Face source reads (``None``: all). This holds every
+    text at once: large sources are tokenized from :func:`iter_texts` instead.
     """
     src = os.fspath(source)
     if isinstance(src, str) and src.startswith("hf:"):
-        _check_positive("max_docs", max_docs)
-        return _read_hf(src, max_docs)
+        return list(iter_hf_texts(src, max_docs))
     if src in SPLITS:
         return [_read_corpus(name, cache) for name in SPLITS[src]]
     if src in assets.CORPORA:
@@ -135,13 +172,28 @@ def read_texts(source: str | os.PathLike, cache: Path | str | None = None, *,
     )
 
 
-def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
-    """Token ids of all ``texts``, each encoded without special tokens, concatenated (int32)."""
-    parts = [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
-    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+def _encode_batch(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """The concatenated token ids (int32) of one batch of texts."""
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    encoded = encode_batch(texts) if callable(encode_batch) else [tokenizer.encode(t) for t in texts]
+    ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
         raise SoljaxError("tokenizer returned ids outside the int32 range")
     return ids.astype(np.int32)
+
+
+def tokenize_texts(tokenizer: Any, texts: Iterable[str], batch_size: int = TOKENIZE_BATCH) -> np.ndarray:
+    """Token ids of all ``texts``, each encoded without special tokens, concatenated (int32).
+
+    ``texts`` may be any iterable (a stream): it is consumed ``batch_size`` texts at a time, and
+    only the int32 ids of the batches done are kept.
+    """
+    _check_positive("batch_size", batch_size)
+    chunks = []
+    it = iter(texts)
+    while batch := list(itertools.islice(it, batch_size)):
+        chunks.append(_encode_batch(tokenizer, batch))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
 
 
 def make_blocks(ids: np.ndarray, block_len: int) -> np.ndarray:
@@ -173,7 +225,7 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def _token_cache_file(source: str, texts: list[str] | None, fingerprint: str, cache: Path | str | None,
-                      max_docs: int) -> Path:
+                      max_docs: int | None) -> Path:
     h = hashlib.sha256(f"{_CACHE_FORMAT}\0{fingerprint}\0".encode())
     if texts is None:  # remote source: keyed by its name
         h.update(f"{source}\0{max_docs}".encode())
@@ -187,23 +239,26 @@ def _token_cache_file(source: str, texts: list[str] | None, fingerprint: str, ca
 
 
 def load_token_ids(source: str | os.PathLike, tokenizer: Any, *, cache: Path | str | None = None,
-                   max_docs: int = HF_MAX_DOCS) -> np.ndarray:
-    """Token ids of ``source`` (int32, 1-D), from the token cache when possible."""
+                   max_docs: int | None = HF_MAX_DOCS) -> np.ndarray:
+    """Token ids of ``source`` (int32, 1-D), from the token cache when possible.
+
+    An ``hf:`` source is keyed by its name and ``max_docs`` and, on a miss, streamed through the
+    tokenizer (see the module docstring)."""
     src = os.fspath(source)
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if not isinstance(fingerprint, str) or not fingerprint:
         raise SoljaxError("the tokenizer has no `fingerprint` string identifying its vocabulary")
     remote = src.startswith("hf:")
-    texts = None if remote else read_texts(src, cache, max_docs=max_docs)
+    if remote and max_docs is not None:
+        _check_positive("max_docs", max_docs)
+    texts = None if remote else read_texts(src, cache)
     path = _token_cache_file(src, texts, fingerprint, cache, max_docs)
     if path.is_file():
         try:
             return np.load(path)
         except (OSError, ValueError):
             pass  # unreadable cache entry: rebuild it
-    if texts is None:
-        texts = read_texts(src, cache, max_docs=max_docs)
-    ids = tokenize_texts(tokenizer, texts)
+    ids = tokenize_texts(tokenizer, iter_hf_texts(src, max_docs) if texts is None else texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.part")
     with open(tmp, "wb") as f:
@@ -214,8 +269,9 @@ def load_token_ids(source: str | os.PathLike, tokenizer: Any, *, cache: Path | s
 
 def load_blocks(source: str | os.PathLike, tokenizer: Any, *, context_len: int, rollout_len: int,
                 seed: int | None = None, max_blocks: int | None = None,
-                cache: Path | str | None = None, max_docs: int = HF_MAX_DOCS) -> np.ndarray:
-    """Blocks ``[N, context_len + rollout_len + 1]`` (int32) of ``source``'s tokens.
+                cache: Path | str | None = None, max_docs: int | None = HF_MAX_DOCS) -> np.ndarray:
+    """Blocks ``[N, context_len + rollout_len + 1]`` (int32) of ``source``'s tokens (``max_docs``:
+    rows read from an ``hf:`` source, ``None`` for all).
 
     Blocks are cut from token 0; they are shuffled by ``seed`` when it is given, then truncated to
     the first ``max_blocks``.

@@ -156,7 +156,7 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
         carry, out = controlled_decode(cfg, scfg, params, prefix, controller, ctrl_params, carry, k_act, t=t, T=T,
                                        tokens_bk=token[:, None], prev_tokens_bk=prev_token[:, None],
                                        effective_bk=effective_tb[t][:, None], steps_left_bk=left_tb[t][:, None],
-                                       targets_b3=targets)
+                                       targets_b3=targets, feed_effective=True)
         logits = out.logits[:, 0]
         nxt = jnp.where(force_bt[:, t], forced_bt[:, t], sample_token(logits, k_tok, temperature, top_p))
         logp = jax.nn.log_softmax(logits, axis=-1)[rows, nxt]

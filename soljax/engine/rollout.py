@@ -73,15 +73,16 @@ def prefill_blocks(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: ja
                                              "record_kept", "copy_prefix"))
 def rollout(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax.Array, targets: jax.Array,
             controller: Controller, ctrl_params: Any, key: jax.Array, *, context_len: int, schedules: int,
-            dense_kl: bool = False, feed_effective: bool = False, record_kept: bool = False,
+            dense_kl: bool = False, feed_effective: bool = True, record_kept: bool = False,
             copy_prefix: bool = False, prefilled: Prefilled | None = None) -> Trajectory:
     """Runs ``schedules`` (K) controlled rollouts per block, teacher-forced.
 
     ``blocks [B, M + T + 1]`` token ids with ``M = context_len``; ``targets [B, 3]`` budget targets
     (token, prune, quant ratio) shared by a block's K rollouts; ``controller``: any
     :class:`~soljax.engine.observe.Controller` (static), its arrays ``ctrl_params``; ``dense_kl`` adds one dense row per block and records
-    KL(dense || compressed); ``feed_effective`` feeds back the action actually applied (dense on
-    non-effective steps) instead of the chosen one. ``copy_prefix`` copies each block's context
+    KL(dense || compressed); ``feed_effective`` (the default, as at evaluation and run time) feeds
+    back the action actually applied (dense on non-effective steps); training passes False to feed
+    back the sampled one, as the reference does. ``copy_prefix`` copies each block's context
     cache once per schedule, as the reference implementation does (for benchmarks: the results
     are the same, the memory and time are not). ``prefilled``: the blocks' context prefill from
     :func:`prefill_blocks`, to share one prefill between several rollouts of the same blocks.

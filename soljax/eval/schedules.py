@@ -52,7 +52,8 @@ def run_schedules(cfg: LMConfig, scfg: SparsityConfig, params: dict, blocks: jax
     controls = Controls(kappa.astype(jnp.float32), rho.astype(jnp.float32), bits.astype(jnp.int32))
     K = kappa.shape[1]
     traj = rollout(cfg, scfg, params, blocks, jnp.ones((B, 3)), GivenControls(), controls,
-                   jax.random.PRNGKey(0), context_len=context_len, schedules=K, record_kept=True)
+                   jax.random.PRNGKey(0), context_len=context_len, schedules=K, record_kept=True,
+                   feed_effective=True)
     hidden = jnp.concatenate([traj.h_prev[:, :, 1:], traj.h_last[:, :, None]], axis=2)
     return ScheduleScores(logprobs=traj.logp_true, attended=traj.attended, effective=traj.effective,
                           usage=traj.usage, hidden=hidden, kept_keys=traj.kept_keys)

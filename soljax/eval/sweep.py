@@ -205,7 +205,7 @@ class Sweep:
     def _run(self, blocks, pre, controller, ctrl_params, targets_b3, K: int, seed: int = 0):
         traj = rollout(self.lm_cfg, self.sparsity, self.params, blocks, jnp.asarray(targets_b3, jnp.float32),
                        controller, ctrl_params, jax.random.PRNGKey(seed), context_len=self.M, schedules=K,
-                       prefilled=pre)
+                       prefilled=pre, feed_effective=True)  # the applied action, as at run time
         nll = -np.asarray(traj.logp_true, np.float64).sum(-1)  # [B, K]
         usage = np.asarray(episode_usage(traj.usage, traj.effective), np.float64)  # [B, K, 3]
         return nll, usage, np.asarray(traj.actions)

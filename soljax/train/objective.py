@@ -7,7 +7,7 @@ here is ``[B, K, T]`` (B blocks, K schedules per block = one GRPO group, T steps
     r_t = (1 - w) * log p(y_t) - w * KL(p_dense,t || p_t)          rewards()
     G_t = r_t + gamma * G_{t+1}   (reward_agg "sum")                  returns()
     Pen = sum_axis alpha * max(|u_axis - C_axis| - deadzone, 0)^2    budget_penalty()   [B, K]
-    R_t = G_t - Pen               ("outcome" level: G_0 broadcast to every t first)
+    R_t = G_t - Pen               ("outcome" level with "sum"/"max": G_0 broadcast to every t first)
     A   = R - mean_K(R) per (block, step)  ("zscore": / std_K)       advantages()
     A   = (A - mean(A)) / std(A) over all B*K*T entries of the batch (whitening)
 
@@ -236,12 +236,17 @@ def budget_penalty(usage: Mapping[str, jax.Array], targets: jax.Array, alphas: S
     return jnp.sum(alphas * hinge * hinge, axis=-1)
 
 
-def penalized_returns(g: jax.Array, pen: jax.Array, level: str = "process") -> jax.Array:
-    """``R_t = G_t - Pen`` (``[B, K, T]`` minus ``[B, K]``); for ``"outcome"``, ``G_0`` is
-    broadcast to every step first."""
+def penalized_returns(g: jax.Array, pen: jax.Array, level: str = "process", agg: str | None = "sum") -> jax.Array:
+    """``R_t = G_t - Pen`` (``[B, K, T]`` minus ``[B, K]``).
+
+    For ``level="outcome"`` with an aggregating ``agg`` (``"sum"`` or ``"max"``), ``G_0`` (the
+    whole episode's return) is broadcast to every step first; with ``agg=None`` the returns are the
+    per-step rewards and are kept per step (the outcome advantage then sums them over t).
+    """
     _choice("level", level, LEVELS)
+    _choice("reward_agg", agg, REWARD_AGGS)
     g = jnp.asarray(g, jnp.float32)
-    if level == "outcome":
+    if level == "outcome" and agg is not None:
         g = jnp.broadcast_to(g[..., :1], g.shape)
     return g - jnp.asarray(pen, jnp.float32)[..., None]
 
@@ -294,7 +299,7 @@ def _prepare(cfg: GRPOConfig, logp_true, kl, usage, targets, alphas):
     r = rewards(logp_true, kl, cfg.task_w_kl)
     g = returns(r, cfg.gamma, cfg.reward_agg)
     pen = budget_penalty(usage, targets, alphas, cfg.deadzone)
-    R = penalized_returns(g, pen, cfg.level)
+    R = penalized_returns(g, pen, cfg.level, cfg.reward_agg)
     c = jnp.asarray(targets, jnp.float32)
     if c.ndim == 2:
         c = c[:, None, :]

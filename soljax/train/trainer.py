@@ -106,7 +106,7 @@ class Trainer:
             self.lm_params = parallel.place(self.lm_params, self.plan.lm_shardings(self.lm_params))
         if blocks is None:
             blocks = load_blocks(cfg.data, self.tokenizer, context_len=cfg.context_len, rollout_len=cfg.rollout_len,
-                                 seed=cfg.seed, max_blocks=cfg.max_blocks)
+                                 seed=cfg.seed, max_blocks=cfg.max_blocks, max_docs=cfg.data_max_docs)
         self.blocks = np.asarray(blocks, np.int32)
         n_batches = int(math.floor(cfg.train_fraction * len(self.blocks) / cfg.batch_size))
         self.num_batches = min(n_batches, cfg.max_batches) if cfg.max_batches else n_batches
@@ -185,7 +185,8 @@ class Trainer:
         targets = sample_targets(cfg, k_targets, B)
         traj = rollout(self.lm_cfg, self.scfg, lm_params, blocks, targets, self.controller, state.policy,
                        k_roll, context_len=cfg.context_len, schedules=K, dense_kl=cfg.task_w_kl > 0,
-                       copy_prefix=cfg.rollout_engine == "copied")
+                       copy_prefix=cfg.rollout_engine == "copied",
+                       feed_effective=False)  # training feeds back the sampled action (reference)
         u = episode_usage(traj.usage, traj.effective)  # [B, K, 3]
         usage = {axis: u[..., i] for i, axis in enumerate(AXES)}
         adv, diag = compute_advantages(self.gcfg, traj.logp_true, traj.kl_dense, usage, targets, self.alphas)

@@ -138,7 +138,7 @@ def test_hf_source_with_a_fake_datasets_module(monkeypatch):
         return [{"text": "one"}, {"text": "  "}, {"text": "two"}, {"text": "three"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    assert data.read_texts("hf:some/ds", max_docs=2) == ["one", "two"]
+    assert data.read_texts("hf:some/ds", max_docs=3) == ["one", "two"]  # 3 rows read, one of them blank
     assert seen == [("some/ds", None, "train", True)]
     with pytest.raises(SoljaxError, match="no field 'story'"):
         data.read_texts("hf:some/ds:::story")

@@ -168,6 +168,25 @@ def test_penalized_returns_process_and_outcome():
     close(grpo.penalized_returns(G, PEN_SMALL, "outcome"), [[[-2.0, -2.0], [-3.5, -3.5]]])
 
 
+def test_outcome_level_broadcasts_g0_only_for_aggregating_returns():
+    # max, gamma 0.5: k0 G = (max(-1, 0.5 * -2), -2) = (-1, -2); k1 G = (max(-2, 0.5 * -1), -1) = (-0.5, -1)
+    G_max = grpo.returns(R_SMALL, 0.5, "max")
+    close(G_max, [[[-1.0, -2.0], [-0.5, -1.0]]])
+    close(grpo.penalized_returns(G_max, PEN_SMALL, "outcome", "max"), [[[-1.0, -1.0], [-1.5, -1.5]]])
+    # no aggregation: G_t = r_t stays per step (k0 -1, -2; k1 -2 - 1, -1 - 1), not r_0 everywhere
+    G_none = grpo.returns(R_SMALL, 0.5, None)
+    close(grpo.penalized_returns(G_none, PEN_SMALL, "outcome", None), [[[-1.0, -2.0], [-3.0, -2.0]]])
+    close(grpo.penalized_returns(G_none, PEN_SMALL, "process", None), [[[-1.0, -2.0], [-3.0, -2.0]]])
+    # through the pipeline: episode sums k0 -3, k1 -5, group mean -4 -> (+1, -1) on every step
+    # (broadcasting r_0 would give sums -2, -6 and advantages +-2)
+    cfg = GRPOConfig(reward_agg=None, level="outcome", whiten=False)
+    adv, diag = grpo.compute_advantages(cfg, R_SMALL, None, USAGE_SMALL, TARGETS, (100.0, 100.0, 200.0))
+    close(adv, [[[1.0, 1.0], [-1.0, -1.0]]], rtol=1e-5, atol=1e-5)
+    close(diag["penalized_return_mean"], -2.0, rtol=1e-5)
+    with pytest.raises(SoljaxError, match="reward_agg"):
+        grpo.penalized_returns(G_none, PEN_SMALL, "outcome", "mean")
+
+
 def test_outcome_level():
     R = jnp.array([[[-2.0, -2.0], [-3.5, -3.5]]])
     # sums over t: -4 and -7, group mean -5.5 -> (+1.5, -1.5) on every step
