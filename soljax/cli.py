@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-actions", action="store_true", help="sample the policy's actions (default: greedy)")
     s.add_argument("--guard", action="store_true", help=GUARD_HELP)
     s.add_argument("--compare-dense", action="store_true", help="also show the dense continuation and the mean "
-                   "dense log-probability of both")
+                   "dense log-probability of both, and both decoders' time per token (each generates twice: the "
+                   "first run compiles)")
     s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
     s.set_defaults(fn=cmd_generate)
 

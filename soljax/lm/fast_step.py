@@ -110,26 +110,65 @@ def union_capacities(kappa: float, kv_max: int, prefix_pages: int, page_size: in
     return tuple(caps)
 
 
-def _dense_attention(qg, pk, pv, sk, sv, valid_p, valid_s, scale):
-    """Attention of ``qg [Hkv, G, Dh]`` over the valid prefix and suffix keys (no scoring)."""
-    lp = jnp.einsum("hgd,mhd->hgm", qg, pk, preferred_element_type=jnp.float32) * scale
-    ls = jnp.einsum("hgd,thd->hgt", qg, sk, preferred_element_type=jnp.float32) * scale
-    scores = jnp.concatenate([jnp.where(valid_p, lp, lm.MASK_VALUE), jnp.where(valid_s, ls, lm.MASK_VALUE)], -1)
-    probs = jax.nn.softmax(scores, axis=-1)
-    M = pk.shape[0]
-    return (jnp.einsum("hgm,mhd->hgd", probs[..., :M].astype(pv.dtype), pv)
-            + jnp.einsum("hgt,thd->hgd", probs[..., M:].astype(sv.dtype), sv))
+def _attend(lp, ls, mask_p, mask_s, vp, vs):
+    """Softmax over prefix logits ``lp [N, Hkv, G]`` and suffix logits ``ls [T, Hkv, G]`` (masked
+    entries excluded) and the weighted sum of ``vp [N, Hkv, Dh]`` / ``vs [T, Hkv, Dh]`` -> ``[Hkv, G, Dh]``.
+    Written as broadcasts and reductions, so XLA fuses the reads of the values into them."""
+    sp = jnp.where(mask_p, lp, lm.MASK_VALUE)
+    ss = jnp.where(mask_s, ls, lm.MASK_VALUE)
+    m = jnp.maximum(sp.max(0), ss.max(0))
+    ep, es = jnp.exp(sp - m), jnp.exp(ss - m)
+    num = ((ep[..., None] * vp[:, :, None, :].astype(jnp.float32)).sum(0)
+           + (es[..., None] * vs[:, :, None, :].astype(jnp.float32)).sum(0))
+    return num / (ep.sum(0) + es.sum(0))[..., None]
 
 
-def _gather_mlp(lp: dict, x_d: jax.Array, keep_d: jax.Array, capacity: int) -> jax.Array:
-    """SwiGLU of ``x_d [D]`` pruned to ``keep_d``, reading the ``capacity`` kept rows of gate/up
-    (the caller guarantees at most ``capacity`` channels are kept)."""
+def _logits(qg, keys, scale):
+    """``qg [Hkv, G, Dh]`` against ``keys [N, Hkv, Dh]`` -> float32 ``[N, Hkv, G]`` (a fused reduction)."""
+    return (qg[None].astype(jnp.float32) * keys[:, :, None, :].astype(jnp.float32)).sum(-1) * scale
+
+
+def _dense_attention(qg, k_all, v_all, layer, sk, sv, mask_p, mask_s, scale):
+    """Attention of ``qg [Hkv, G, Dh]`` over the layer's prefix ``k_all``/``v_all [L, 1, M, Hkv, Dh]``
+    and suffix ``sk``/``sv [T, Hkv, Dh]`` keys where ``mask_p [M, Hkv, G]`` / ``mask_s [T, Hkv, G]``
+    (broadcastable) hold. The layer is indexed inside the reductions: the cache is never copied."""
+    pk, pv = k_all[layer, 0], v_all[layer, 0]
+    return _attend(_logits(qg, pk, scale), _logits(qg, sk, scale), mask_p, mask_s, pv, sv).astype(qg.dtype)
+
+
+def _gather_attention(qg, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages, num, heads, page_size, scale):
+    """Attention over only the listed prefix pages (``pages [Hkv, NP]``, the first ``num [Hkv]`` used,
+    ``heads [Hkv, NP]`` bitmask of the group's query heads reading each) plus the masked suffix:
+    the gather reads ``NP * page_size`` keys per KV head straight from the whole cache."""
+    Hkv, G, _ = qg.shape
+    NP = pages.shape[-1]
+    pos = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [Hkv, NP, ps]
+    valid = (jnp.arange(NP) < num[:, None])[..., None] & (pos < prefix_len)
+    posc = jnp.clip(pos, 0, k_all.shape[2] - 1).reshape(Hkv, NP * page_size).T  # [N, Hkv]
+    h = jnp.arange(Hkv)[None, :]
+    kp = k_all[layer, 0, posc, h]  # [N, Hkv, Dh]
+    vp = v_all[layer, 0, posc, h]
+    g = jnp.arange(G, dtype=jnp.int32)
+    bits = ((heads[..., None] >> g) & 1) == 1  # [Hkv, NP, G]
+    mask_p = (bits[:, :, None, :] & valid[..., None]).reshape(Hkv, NP * page_size, G).transpose(1, 0, 2)
+    vp = jnp.where(valid.reshape(Hkv, -1).T[..., None], vp, 0)  # unread slots add nothing
+    out = _attend(_logits(qg, kp, scale), _logits(qg, sk, scale), mask_p, mask_s, vp, sv)
+    return out.astype(qg.dtype)
+
+
+MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def _gather_mlp(weights: dict, layer, x_d: jax.Array, keep_d: jax.Array, capacity: int) -> jax.Array:
+    """SwiGLU of ``x_d [D]`` pruned to ``keep_d``, gathering the ``capacity`` kept rows of the layer's
+    gate/up straight from the stacked ``[L, D, F]`` weights (the caller guarantees at most
+    ``capacity`` kept channels)."""
     idx = jnp.nonzero(keep_d, size=capacity, fill_value=0)[0]
     used = jnp.arange(capacity) < keep_d.sum()
     xs = jnp.where(used, x_d[idx], 0)
-    g = xs @ jnp.take(lp["w_gate"], idx, axis=0)
-    u = xs @ jnp.take(lp["w_up"], idx, axis=0)
-    return (jax.nn.silu(g) * u) @ lp["w_down"]
+    g = xs @ weights["w_gate"][layer, idx]
+    u = xs @ weights["w_up"][layer, idx]
+    return (jax.nn.silu(g) * u) @ weights["w_down"][layer]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=5)
@@ -179,37 +218,44 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
     kv_max = M + T
 
     def layer(x, xs):
-        lp, pk, pv, sk, sv, pmax, pmin = xs  # pk/pv [1, M, Hkv, Dh]; sk/sv [1, 1, T, Hkv, Dh]
+        lp, sk, sv, li = xs  # sk/sv [1, 1, T, Hkv, Dh]; li: the layer index into the prefix cache
         h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = L.project_qkv(lp, h.reshape(1, 1, -1), position.reshape(1, 1), cfg, inv_freq)
         q = q.reshape(1, 1, Hq, Dh)
         sk = jax.lax.dynamic_update_slice_in_dim(sk, k.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
         sv = jax.lax.dynamic_update_slice_in_dim(sv, v.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
         qg = q.reshape(Hkv, G, Dh)
-        summaries = (pmax, pmin, prefix.page_valid)
+        s_mask = valid_s[:, None, None]  # [T, 1, 1]
 
         def selection(kap):
+            summaries = (prefix.kmax[li], prefix.kmin[li], prefix.page_valid)
             return sparse.quest_pages_shared(q, summaries, prefix_len, sk, t + 1, jnp.reshape(kap, (1, 1)), ps)
 
         def kept_of(page_keep, keep_s):  # [Hq] keys attended per query head
             return (page_keep[0, 0] * page_count).sum(-1) + (keep_s[0, 0] & valid_s).sum(-1)
 
         def dense_branch():
-            attn = _dense_attention(qg, pk[0], pv[0], sk[0, 0], sv[0, 0], valid_p, valid_s, scale)
+            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0], valid_p[:, None, None], s_mask,
+                                    scale)
             return attn, jnp.full((Hq,), kv_len, jnp.int32)
+
+        def suffix_mask(keep_s):  # [T, Hkv, G]
+            return (keep_s[0, 0] & valid_s).reshape(Hkv, G, T).transpose(2, 0, 1)
 
         def masked_branch():  # any kappa: the masked path's keys, every key scored
             page_keep, keep_s = selection(kappa)
             keep_p = jnp.repeat(page_keep[0, 0], ps, axis=-1)[:, :M] & valid_p  # [Hq, M]
-            mask_s = keep_s[0, 0] & valid_s
-            attn = _dense_attention(qg, pk[0], pv[0], sk[0, 0], sv[0, 0], keep_p.reshape(Hkv, G, M),
-                                    mask_s.reshape(Hkv, G, T), scale)
+            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0],
+                                    keep_p.reshape(Hkv, G, M).transpose(2, 0, 1), suffix_mask(keep_s), scale)
             return attn, kept_of(page_keep, keep_s)
 
         def gather(page_keep, keep_s, capacity):
             pages, num, heads = pages_from_keep(page_keep, Hkv, capacity)
-            out = ops.quest_decode_attention(q, pk, pv, prefix_len, sk, sv, keep_s & valid_s, pages, num, heads,
-                                             page_size=ps, impl=path.attention_impl,
+            if path.attention_impl == "xla":
+                return _gather_attention(qg, prefix.k, prefix.v, li, prefix_len[0], sk[0, 0], sv[0, 0],
+                                         suffix_mask(keep_s), pages[0, 0], num[0, 0], heads[0, 0], ps, scale)
+            out = ops.quest_decode_attention(q, prefix.k[li], prefix.v[li], prefix_len, sk, sv, keep_s & valid_s,
+                                             pages, num, heads, page_size=ps, impl=path.attention_impl,
                                              interpret=path.interpret)
             return out.reshape(Hkv, G, Dh)
 
@@ -230,11 +276,14 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         x = x + L.output_proj(lp, attn.reshape(1, 1, Hq, Dh), cfg)
         h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # [1, 1, D]
 
+        def mlp_weights():  # the layer's MLP weights, sliced inside the branch that reads them all
+            return {n: stacked[n][li] for n in MLP_WEIGHTS}
+
         def mlp_dense():
-            return L.mlp(lp, h2)
+            return L.mlp(mlp_weights(), h2)
 
         def mlp_masked(r):
-            return lambda: L.mlp(lp, prune_topk(h2, jnp.reshape(r, (1, 1))))
+            return lambda: L.mlp(mlp_weights(), prune_topk(h2, jnp.reshape(r, (1, 1))))
 
         def mlp_gathered(level: float):
             capacity = int(np.clip(np.ceil(np.float32(level) * np.float32(D)), 1, D))  # prune_counts
@@ -242,7 +291,7 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
             def run():
                 keep = prune_mask(h2[0], jnp.full((1,), level, jnp.float32))[0]
                 return jax.lax.cond(keep.sum() <= capacity,
-                                    lambda: _gather_mlp(lp, h2[0, 0], keep, capacity)[None, None],
+                                    lambda: _gather_mlp(stacked, li, h2[0, 0], keep, capacity)[None, None],
                                     mlp_masked(jnp.float32(level)))
             return run
 
@@ -254,7 +303,11 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         out = jax.lax.switch(i_bits, quant + [lambda: fake_quant(out, bits)])
         return x + out, (k.reshape(1, 1, Hkv, Dh), v.reshape(1, 1, Hkv, Dh), kept.astype(jnp.int32))
 
-    xs = (params["layers"], prefix.k, prefix.v, suffix.k, suffix.v, prefix.kmax, prefix.kmin)
+    # The MLP weights and the prefix cache are indexed by layer inside the branches that read them
+    # (scanning over them would copy each layer's whole slice before any branch runs).
+    stacked = {n: params["layers"][n] for n in MLP_WEIGHTS}
+    per_layer = {n: w for n, w in params["layers"].items() if n not in MLP_WEIGHTS}
+    xs = (per_layer, suffix.k, suffix.v, jnp.arange(cfg.num_layers))
     x = lm.embed(params, tokens_bk)
     x, (k_new, v_new, kept) = jax.lax.scan(layer, x, xs)  # kept [L, Hq]
     h = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.embedded, pytest.mark.filterwarnings("ignore:Some dona
 
 GRID = ActionGrid(keep_fracs=[0.1, 1.0], struct_prune_choices=["s60", "s100"], quant_choices=["q5", "q16"])
 SCFG = SparsityConfig(page_size=8)
-M, LENGTH, T = 160, 157, 2
+M, LENGTH, T = 104, 101, 2
 TEXT = ("Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never took "
         "up any book but the Baronetage; there he found occupation for an idle hour, and consolation in a "
         "distressed one; there his faculties were roused into admiration and respect, by contemplating the "

@@ -40,3 +40,22 @@ def test_fast_generation_equals_the_masked_generation():
     (got,) = score_continuations(FAST, [PROMPT], [cont], TARGETS)
     np.testing.assert_array_equal(got.actions, want.actions)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+
+
+def test_compare_dense_reports_both_timings():
+    from soljax.serve.generate import format_generation_report, policy_generation_report
+
+    class Words:  # token ids as words
+        def encode(self, text):
+            return [int(w) for w in text.split()]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    prompt = " ".join(map(str, PROMPT))
+    report = policy_generation_report(FAST, Words(), [prompt], 6, TARGETS, compare_dense=True)
+    tm = report["timing"]
+    assert tm["path"] == "fast" and tm["controlled_ms_per_token"] > 0 and tm["dense_ms_per_token"] > 0
+    assert tm["speedup"] == tm["dense_ms_per_token"] / tm["controlled_ms_per_token"]
+    assert "time per token: controlled" in format_generation_report(report)
+    assert "timing" not in policy_generation_report(FAST, Words(), [prompt], 6, TARGETS)
