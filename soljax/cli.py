@@ -193,6 +193,10 @@ def cmd_train(args) -> None:
 
 def cmd_bench(args) -> None:
     say = None if args.json else (lambda msg: print(f"soljax: benchmarking {msg}...", file=sys.stderr))
+    if args.what == "decode":
+        from soljax.tools.bench_decode import bench_decode_cli
+
+        return bench_decode_cli(args, say)
     if args.what == "kernels":
         from soljax.tools.bench_kernels import bench_kernels, format_table
 
@@ -335,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-actions", action="store_true", help="sample the policy's actions (default: greedy)")
     s.add_argument("--guard", action="store_true", help=GUARD_HELP)
     s.add_argument("--compare-dense", action="store_true", help="also show the dense continuation and the mean "
-                   "dense log-probability of both")
+                   "dense log-probability of both, and both decoders' time per token (each generates twice: the "
+                   "first run compiles)")
     s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
     s.set_defaults(fn=cmd_generate)
 
@@ -365,11 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (rollout: rollout phase and training update; "
                                      "kernels: dense vs sparse decode attention and MLP; "
+                                     "decode: end-to-end decoding, dense vs fixed vs policy; "
                                      "convert: peak memory of converting and loading a 1B+ model; "
                                      "tokenize: tokenization throughput on the embedded corpora)")
-    s.add_argument("what", choices=["rollout", "kernels", "convert", "tokenize"])
+    s.add_argument("what", choices=["rollout", "kernels", "decode", "convert", "tokenize"])
     s.add_argument("--context", type=int, nargs="+",
-                   help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels)")
+                   help="context lengths (default: 256 1024 for rollout, 4096 32768 for kernels, "
+                   "1024 4096 8000 for decode)")
     s.add_argument("--engines", nargs="+", default=["shared", "copied"], choices=["shared", "copied"])
     s.add_argument("--repeats", type=int, help="timed repeats (default: 3; kernels on an accelerator: 20)")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="kernels: batch sizes")
@@ -382,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert: the synthetic model's shapes (random float32 weights in a temporary "
                         "directory, $TMPDIR)")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
+    s.add_argument("--run", help="decode: the training run whose LM, fixed schedule and policy are timed")
+    s.add_argument("--tokens", type=int, default=64, help="decode: timed tokens per row after a warm-up episode "
+                   "(default 64)")
+    s.add_argument("--targets", metavar="T,P,Q;...", help="decode: target triples for fixed and policy")
+    s.add_argument("--data", default="eval", help="decode: the text (default: the eval split)")
+    s.add_argument("--masked", action="store_true", help="decode: also time the masked step (methods *-masked)")
+    s.add_argument("--plot", help="decode: write NLL against ms per token to this PNG")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("eval", help="evaluate a trained policy against baselines")

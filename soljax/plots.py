@@ -180,3 +180,36 @@ def plot_passage(passage: dict, out_path: Path, max_blocks: int = 3) -> Path:
     fig.savefig(out_path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out_path
+
+
+# ------------------------------------------------------------------------------ decode timing
+
+
+def plot_decode_time(rows: list[dict], out_path: Path) -> Path | None:
+    """NLL against milliseconds per token (``soljax bench decode`` rows), one panel per context:
+    each controlled method's points joined in order of time (its front in time), dense as a star."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.4 * len(contexts), 3.6), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        here = [r for r in rows if r["context"] == context]
+        for method in sorted({r["method"] for r in here} - {"dense"}):
+            pts = sorted((r for r in here if r["method"] == method), key=lambda r: r["ms_per_token"])
+            colour, marker = _STYLE.get(method.split("-")[0], ("tab:gray", "o"))
+            ax.plot([r["ms_per_token"] for r in pts], [r["nll"] for r in pts], color=colour, marker=marker,
+                    linestyle="--" if method.endswith("-masked") else "-", label=method)
+            for r in pts:
+                ax.annotate(f"{r['net_keep']:.2f}", (r["ms_per_token"], r["nll"]), textcoords="offset points",
+                            xytext=(3, 3), fontsize=7)
+        for r in (r for r in here if r["method"] == "dense"):
+            ax.scatter([r["ms_per_token"]], [r["nll"]], color="black", marker="*", s=80, label="dense", zorder=3)
+        ax.set_title(f"context {context}", fontsize=10)
+        ax.set_xlabel("ms per token (batch 1)")
+        ax.set_ylabel("NLL of the continuation (nats)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

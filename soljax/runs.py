@@ -27,6 +27,7 @@ from soljax.control import GivenActions, GivenControls, PolicyController, fixed_
 from soljax.engine import ControlledModel
 from soljax.errors import SoljaxError
 from soljax.lm.controlled import Controls
+from soljax.lm.fast_step import FastPath, Levels
 
 CONTROLLERS = ("policy", "fixed", "dense")
 
@@ -139,12 +140,13 @@ def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = N
 
 
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
-                     greedy: bool = True, guard: bool = False) -> ControlledModel:
+                     greedy: bool = True, guard: bool = False, fast: bool = True) -> ControlledModel:
     """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
     the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
     actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
     the budget-matched fixed schedule over its action grid (``"fixed"``) or the dense model
-    (``"dense"``)."""
+    (``"dense"``). ``fast``: decode one prompt at a time on the fast path (static branches per level
+    of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step."""
     if controller not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
                           f"{', '.join(CONTROLLERS)})")
@@ -152,15 +154,19 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError("the budget guard applies to the policy controller only")
     tcfg = run_config(run_dir)
     grid, T, scfg = action_grid(tcfg), tcfg.rollout_len, sparsity_config(tcfg)
+    path = None
+    if fast:
+        path = FastPath(Levels.of() if controller == "dense" else Levels.from_grid(grid),
+                        attention_impl=scfg.attention_impl, interpret=scfg.kernel_interpret)
     if controller == "dense":
         def dense(targets):
             B = len(targets)
             return Controls(jnp.ones((B, 1, T)), jnp.ones((B, 1, T)), jnp.full((B, 1, T), 16, jnp.int32))
 
-        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T)
+        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T, fast=path)
     if controller == "fixed":
         return ControlledModel(cfg, params, scfg, GivenActions(grid=grid),
-                               lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T)
+                               lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T, fast=path)
     _, variables = load_policy(run_dir, step)
     pcfg = policy_config(tcfg)
     want = 2 * cfg.hidden_size + pcfg.scalar_hidden + pcfg.action_dim
@@ -169,13 +175,14 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError(f"the policy in {run_dir} was trained on an LM of another width (input size "
                           f"{got}, this LM needs {want}): use the run's model")
     policy = PolicyController(grid=grid, policy=pcfg, greedy=greedy, guard=guard)
-    return ControlledModel(cfg, params, scfg, policy, variables, T)
+    return ControlledModel(cfg, params, scfg, policy, variables, T, fast=path)
 
 
 def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
-                    step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False):
+                    step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False,
+                    fast: bool = True):
     """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
     own model) and its policy, fixed baseline or dense model (see :func:`controlled_model`)."""
     cfg, params, tok = load_lm(run_config(run_dir), model_dir=model_dir, dtype=dtype)
     return controlled_model(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
-                            guard=guard), tok
+                            guard=guard, fast=fast), tok

@@ -265,20 +265,9 @@ def quest_keep(q: jax.Array, k: jax.Array, kv_len: jax.Array, kappa: jax.Array,
     return keep | (quest_fallback(page_keep)[:, :, None] & newest)
 
 
-def quest_keep_shared(q: jax.Array, prefix, prefix_len: jax.Array, k_suffix: jax.Array,
-                      suffix_len: jax.Array, kappa: jax.Array, page_size: int, prefix_capacity: int):
-    """QUEST for K schedules that share one summarized prefix per block, each with its own suffix.
-
-    ``q [B, K, Hq, Dh]``; ``prefix = (kmax, kmin, page_valid)`` of the block's prefix cache (one
-    copy per block, :func:`page_summaries`); ``prefix_len [B]``; ``k_suffix [B, K, T, Hkv, Dh]``
-    with suffix key j at position ``prefix_len + j`` (valid for ``j < suffix_len``; the current
-    token is the last valid one); ``suffix_len`` scalar or ``[B, K]``; ``kappa [B, K]``.
-
-    Returns ``(keep_prefix [B, K, Hq, prefix_capacity], keep_suffix [B, K, Hq, T])``, equal to the
-    matching slots of :func:`quest_keep` over each row's concatenated keys. Prefix pages are
-    scored against the shared summaries (never tiled over K); only the page straddling the
-    prefix/suffix boundary and the suffix pages are summarized per schedule.
-    """
+def _quest_shared_selection(q, prefix, prefix_len, k_suffix, suffix_len, kappa, page_size: int):
+    """The page selection of :func:`quest_keep_shared`: ``(keep [R, Hq, Pp + Pw], fallback [R, Hq],
+    first [B], pl [R], sl [R])`` (prefix pages, then window pages; R = B * K rows)."""
     B, K, Hq, _ = q.shape
     T = k_suffix.shape[2]
     R = B * K
@@ -309,21 +298,73 @@ def quest_keep_shared(q: jax.Array, prefix, prefix_len: jax.Array, k_suffix: jax
     n_pg = quest_page_budget(quest_token_budget(_rows(kappa, jnp.float32).reshape(R), kv_len),
                              page_size, valid.sum(-1))
     keep = select_pages(scores, valid, n_pg)
-    fallback = quest_fallback(keep)[:, :, None]
+    return keep, quest_fallback(keep), first, pl, sl
+
+
+def _suffix_keep(keep_w, fallback, pl, sl, T: int, page_size: int):
+    """Suffix slots ``[R, Hq, T]`` kept by the window pages ``keep_w`` (plus the fallback's newest key)."""
+    j = jnp.arange(T)[None, :]
+    pos_w = pl[:, None] % page_size + j  # position within the window
+    out_w = token_keep_from_pages(keep_w, pos_w, j < sl[:, None], page_size)
+    newest_w = (j == sl[:, None] - 1)[:, None, :]
+    return out_w | (fallback[:, :, None] & newest_w)
+
+
+def quest_keep_shared(q: jax.Array, prefix, prefix_len: jax.Array, k_suffix: jax.Array,
+                      suffix_len: jax.Array, kappa: jax.Array, page_size: int, prefix_capacity: int):
+    """QUEST for K schedules that share one summarized prefix per block, each with its own suffix.
+
+    ``q [B, K, Hq, Dh]``; ``prefix = (kmax, kmin, page_valid)`` of the block's prefix cache (one
+    copy per block, :func:`page_summaries`); ``prefix_len [B]``; ``k_suffix [B, K, T, Hkv, Dh]``
+    with suffix key j at position ``prefix_len + j`` (valid for ``j < suffix_len``; the current
+    token is the last valid one); ``suffix_len`` scalar or ``[B, K]``; ``kappa [B, K]``.
+
+    Returns ``(keep_prefix [B, K, Hq, prefix_capacity], keep_suffix [B, K, Hq, T])``, equal to the
+    matching slots of :func:`quest_keep` over each row's concatenated keys. Prefix pages are
+    scored against the shared summaries (never tiled over K); only the page straddling the
+    prefix/suffix boundary and the suffix pages are summarized per schedule.
+    """
+    B, K, Hq, _ = q.shape
+    T = k_suffix.shape[2]
+    R = B * K
+    Pp = prefix[2].shape[1]
+    keep, fallback, first, pl, sl = _quest_shared_selection(q, prefix, prefix_len, k_suffix, suffix_len, kappa,
+                                                            page_size)
     keep_p, keep_w = keep[..., :Pp], keep[..., Pp:]
     pos_p = jnp.broadcast_to(jnp.arange(prefix_capacity)[None, :], (R, prefix_capacity))
     in_prefix = pos_p < pl[:, None]
     out_p = token_keep_from_pages(keep_p, pos_p, in_prefix, page_size)
-    straddle = in_prefix & (pos_p // page_size == rep(first)[:, None])  # belongs to window page 0
+    straddle = in_prefix & (pos_p // page_size == jnp.repeat(first, K, axis=0)[:, None])  # window page 0
     out_p = out_p | (straddle[:, None, :] & keep_w[..., :1])
-    j = jnp.arange(T)[None, :]
-    pos_w = pl[:, None] % page_size + j  # position within the window
-    out_w = token_keep_from_pages(keep_w, pos_w, j < sl[:, None], page_size)
+    kv_len = pl + sl
     newest_p = (pos_p == kv_len[:, None] - 1)[:, None, :]
-    newest_w = (j == sl[:, None] - 1)[:, None, :]
-    out_p = out_p | (fallback & newest_p)
-    out_w = out_w | (fallback & newest_w)
+    out_p = out_p | (fallback[:, :, None] & newest_p)
+    out_w = _suffix_keep(keep_w, fallback, pl, sl, T, page_size)
     return out_p.reshape(B, K, Hq, prefix_capacity), out_w.reshape(B, K, Hq, T)
+
+
+def quest_pages_shared(q: jax.Array, prefix, prefix_len: jax.Array, k_suffix: jax.Array,
+                       suffix_len: jax.Array, kappa: jax.Array, page_size: int):
+    """The selection of :func:`quest_keep_shared` at page level, for readers that gather pages.
+
+    Same arguments (without the prefix capacity). Returns ``(page_keep [B, K, Hq, Pp],
+    keep_suffix [B, K, Hq, T])``: prefix page p is kept by a query head iff it attends the page's
+    valid prefix slots (the page straddling the prefix/suffix boundary included, when it holds
+    prefix keys); ``keep_suffix`` equals :func:`quest_keep_shared`'s. Expanding ``page_keep`` over
+    the valid prefix positions gives :func:`quest_keep_shared`'s ``keep_prefix`` exactly (the
+    fallback's newest key is always a suffix key, as the current token is).
+    """
+    B, K, Hq, _ = q.shape
+    T = k_suffix.shape[2]
+    Pp = prefix[2].shape[1]
+    keep, fallback, first, pl, sl = _quest_shared_selection(q, prefix, prefix_len, k_suffix, suffix_len, kappa,
+                                                            page_size)
+    keep_p, keep_w = keep[..., :Pp], keep[..., Pp:]
+    first_r = jnp.repeat(first, K, axis=0)
+    straddle = (jnp.arange(Pp)[None, :] == first_r[:, None]) & (pl % page_size != 0)[:, None]  # [R, Pp]
+    page_keep = keep_p | (straddle[:, None, :] & keep_w[..., :1])
+    out_w = _suffix_keep(keep_w, fallback, pl, sl, T, page_size)
+    return page_keep.reshape(B, K, Hq, Pp), out_w.reshape(B, K, Hq, T)
 
 
 def quest_keep_split(q: jax.Array, prefix, k_suffix: jax.Array, prefix_len: jax.Array,

@@ -40,6 +40,7 @@ from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig, SuffixCache, shared_prefix_from_cache
+from soljax.lm.fast_step import FastPath
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -50,7 +51,8 @@ class ControlledModel:
     ``ctrl_params``: its arrays, or a function ``(targets [B, 3] numpy) -> ctrl_params`` for
     controllers whose arrays depend on the batch (a budget-matched fixed schedule, raw
     ``[B, 1, T]`` controls); ``episode_len``: T, the horizon between dense replays (the policy's
-    training ``rollout_len``).
+    training ``rollout_len``); ``fast``: the fast decode path (:mod:`soljax.lm.fast_step`) used
+    when one prompt is decoded at a time (None: always the masked step).
     """
 
     cfg: LMConfig
@@ -59,6 +61,7 @@ class ControlledModel:
     controller: Controller
     ctrl_params: Any
     episode_len: int
+    fast: FastPath | None = None
 
     def __post_init__(self):
         T = self.episode_len
@@ -68,6 +71,10 @@ class ControlledModel:
     def params_for(self, targets_b3: np.ndarray):
         """The controller's arrays for a batch with these targets."""
         return self.ctrl_params(targets_b3) if callable(self.ctrl_params) else self.ctrl_params
+
+    def fast_for(self, batch: int) -> FastPath | None:
+        """The fast path for a batch of ``batch`` prompts: ``fast`` at batch 1 under QUEST, else None."""
+        return self.fast if batch == 1 and self.scfg.criterion == "quest" else None
 
 
 @jax.tree_util.register_dataclass
@@ -126,18 +133,19 @@ def start(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Arr
                        prev_token=prev.astype(jnp.int32), key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p"),
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p", "fast"),
                    donate_argnames=("state",))
 def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: Controller, ctrl_params, targets_b3: jax.Array,
                 state: DecodeState, forced_bt: jax.Array, force_bt: jax.Array, counted_b: jax.Array, *, steps: int,
-                temperature: float = 0.0, top_p: float = 1.0) -> tuple[DecodeState, EpisodeOut]:
+                temperature: float = 0.0, top_p: float = 1.0,
+                fast: FastPath | None = None) -> tuple[DecodeState, EpisodeOut]:
     """One episode of ``steps`` (T) controlled decode steps, then the dense replay of its inputs.
 
     ``targets_b3``: budget targets (token, prune, quant ratio) per row; ``forced_bt``/``force_bt
     [B, T]``: where ``force_bt`` is True the next token is ``forced_bt`` instead of a sample
     (teacher forcing). ``counted_b [B]``: how many of the T steps count (the rest produce nothing
     the caller keeps, run dense and are not effective). The caller keeps ``cache.lengths + T <=
-    capacity``.
+    capacity``. ``fast``: run each step on the fast path (batch 1, :mod:`soljax.lm.fast_step`).
     """
     B, T = state.token.shape[0], steps
     targets = targets_b3.astype(jnp.float32)
@@ -156,7 +164,7 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
         carry, out = controlled_decode(cfg, scfg, params, prefix, controller, ctrl_params, carry, k_act, t=t, T=T,
                                        tokens_bk=token[:, None], prev_tokens_bk=prev_token[:, None],
                                        effective_bk=effective_tb[t][:, None], steps_left_bk=left_tb[t][:, None],
-                                       targets_b3=targets, feed_effective=True)
+                                       targets_b3=targets, feed_effective=True, fast=fast)
         logits = out.logits[:, 0]
         nxt = jnp.where(force_bt[:, t], forced_bt[:, t], sample_token(logits, k_tok, temperature, top_p))
         logp = jax.nn.log_softmax(logits, axis=-1)[rows, nxt]

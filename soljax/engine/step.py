@@ -19,6 +19,7 @@ from soljax.engine.observe import Controller, Observation, applied_usage, lm_sig
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import Controls, SharedPrefix, SparsityConfig, StepInfo, SuffixCache, controlled_step
+from soljax.lm.fast_step import FastPath, fast_step
 
 
 @jax.tree_util.register_dataclass
@@ -73,7 +74,8 @@ def controlled_decode(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix:
                       ctrl_params: Any, carry: StepCarry, key: jax.Array, *, t: jax.Array, T: int,
                       tokens_bk: jax.Array, prev_tokens_bk: jax.Array | None, effective_bk: jax.Array,
                       steps_left_bk: jax.Array, targets_b3: jax.Array, dense_rows: int = 0,
-                      copied_prefix: bool = False, feed_effective: bool = True) -> tuple[StepCarry, StepOut]:
+                      copied_prefix: bool = False, feed_effective: bool = True,
+                      fast: FastPath | None = None) -> tuple[StepCarry, StepOut]:
     """Step t of every row: build the observation, let ``controller`` act, run the LM step.
 
     ``tokens_bk``: the inputs; ``prev_tokens_bk``: the inputs before them (read only for
@@ -82,7 +84,8 @@ def controlled_decode(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix:
     per block run densely on the same token (for the KL to the dense model); ``copied_prefix``: the
     prefix holds one copy of each block's context per row (``[B * R]`` blocks of one row);
     ``feed_effective``: feed back the action applied (dense on non-effective steps) rather than the
-    one chosen.
+    one chosen; ``fast``: run the LM step as :func:`~soljax.lm.fast_step.fast_step` (one row, no
+    dense rows, shared prefix), which reads only what each step's levels need.
     """
     B, K = tokens_bk.shape
     obs = Observation(h_prev=carry.h_prev, tokens=tokens_bk, tok_emb=lm.embed(params, tokens_bk),
@@ -100,7 +103,11 @@ def controlled_decode(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix:
         rows = Controls(*(jnp.concatenate([a.astype(d.dtype), d], axis=1) for a, d in zip(controls, dense)))
         tokens = jnp.concatenate([tokens_bk, jnp.broadcast_to(tokens_bk[:, :1], (B, dense_rows))], axis=1)
     R = K + dense_rows
-    if copied_prefix:
+    if fast is not None:
+        if B * R != 1 or copied_prefix:
+            raise ValueError(f"the fast decode step serves one row, got {B} x {R} rows")
+        logits, h, suffix, info = fast_step(cfg, scfg, fast, params, prefix, carry.suffix, tokens, rows)
+    elif copied_prefix:
         flat = lambda a: a.reshape(B * R, 1)  # noqa: E731
         logits, h, suffix, info = controlled_step(cfg, scfg, params, prefix, carry.suffix, flat(tokens),
                                                   Controls(*map(flat, rows)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -196,7 +197,8 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
         state, out = run_episode(cfg, model.scfg, model.params, model.controller, ctrl_params,
                                  jnp.asarray(targets_b3), state, jnp.asarray(forced[:, win]),
                                  jnp.asarray(force[:, win]), jnp.asarray(np.clip(counted - e * T, 0, T), jnp.int32),
-                                 steps=T, temperature=float(temperature), top_p=float(top_p))
+                                 steps=T, temperature=float(temperature), top_p=float(top_p),
+                                 fast=model.fast_for(B))
         chunks.append(jax.tree.map(np.asarray, out))
         done = {k: np.concatenate([getattr(c, k) for c in chunks], axis=1) for k in EpisodeOut._fields}
         if finished is not None and finished(done):
@@ -330,26 +332,42 @@ def _mean(a) -> float | None:
     return float(np.mean(a)) if len(a) else None
 
 
+def _ms_per_token(run: Callable[[], object], count: Callable[[object], int]) -> float:
+    """Wall milliseconds per generated token of ``run()`` (called after a warm-up call by the caller)."""
+    t0 = time.perf_counter()
+    out = run()
+    return (time.perf_counter() - t0) * 1000.0 / max(1, count(out))
+
+
 def policy_generation_report(model: ControlledModel, tokenizer, prompts: list[str], max_new_tokens: int,
                              targets, *, compare_dense: bool = False, temperature: float = 0.0,
                              top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = (),
                              stop: Sequence[str] = ()) -> dict:
     """Controlled continuations of text prompts with their realized budgets (per sample and over all
     effective steps) and, with ``compare_dense``, the dense model's continuation next to each, with
-    the mean dense log-probability of both continuations (the reference README's comparison)."""
+    the mean dense log-probability of both continuations (the reference README's comparison), and
+    both decoders' wall time per generated token, prefill included (``timing``; each measured on a
+    second run, after a first one that compiles; ``path`` says whether the fast decode step served
+    the prompts)."""
     if not prompts:
         raise SoljaxError("give at least one prompt")
     ids = [tokenizer.encode(p) for p in prompts]
     if any(not i for i in ids):
         raise SoljaxError("every prompt needs at least one token (empty prompt given)")
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-    gens = controlled_generate(model, ids, max_new_tokens, targets, temperature=temperature, top_p=top_p,
-                               seed=seed, eos_ids=eos_ids, stop=stop, decode=decode)
+    run_controlled = lambda: controlled_generate(model, ids, max_new_tokens, targets, temperature=temperature,  # noqa: E731
+                                                 top_p=top_p, seed=seed, eos_ids=eos_ids, stop=stop, decode=decode)
+    gens = run_controlled()
     samples = [{"prompt": p, "controlled": {"text": g.text, "tokens": len(g.tokens), "stop_reason": g.stop_reason,
                                             "budget": g.budget}} for p, g in zip(prompts, gens)]
     if compare_dense:
-        dense = generate(model.cfg, model.params, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, eos_ids=tuple(eos_ids))
+        run_dense = lambda: generate(model.cfg, model.params, ids, max_new_tokens, temperature=temperature,  # noqa: E731
+                                     top_p=top_p, seed=seed, eos_ids=tuple(eos_ids))
+        dense = run_dense()
+        timing = {"path": "fast" if model.fast_for(len(ids)) is not None else "masked",
+                  "controlled_ms_per_token": _ms_per_token(run_controlled, lambda g: sum(len(x.tokens) for x in g)),
+                  "dense_ms_per_token": _ms_per_token(run_dense, lambda d: sum(len(x) for x in d))}
+        timing["speedup"] = timing["dense_ms_per_token"] / timing["controlled_ms_per_token"]
         dense = [d[: (_stop_point(d, set(), stop, decode) or (len(d), ""))[0]] for d in dense]
         lp_ctrl = dense_logprobs(model.cfg, model.params, ids, [g.tokens for g in gens])
         lp_dense = dense_logprobs(model.cfg, model.params, ids, dense)
@@ -358,10 +376,13 @@ def policy_generation_report(model: ControlledModel, tokenizer, prompts: list[st
             cut = min((text.find(x) for x in stop if x in text), default=-1)
             s["controlled"]["mean_dense_logprob"] = _mean(a)
             s["dense"] = {"text": text[:cut] if cut >= 0 else text, "tokens": len(d), "mean_dense_logprob": _mean(b)}
-    return {"targets": dict(zip(AXES, map(float, as_targets(targets, 1)[0]))), "episode_len": model.episode_len,
-            "budget": realized_budget(np.concatenate([g.usage for g in gens]),
-                                      np.concatenate([g.effective for g in gens])),
-            "samples": samples}
+    report = {"targets": dict(zip(AXES, map(float, as_targets(targets, 1)[0]))), "episode_len": model.episode_len,
+              "budget": realized_budget(np.concatenate([g.usage for g in gens]),
+                                        np.concatenate([g.effective for g in gens])),
+              "samples": samples}
+    if compare_dense:
+        report["timing"] = timing
+    return report
 
 
 def budget_line(b: dict) -> str:
@@ -382,6 +403,10 @@ def format_generation_report(report: dict, name: str = "policy") -> str:
             lines += [f"  mean dense log-prob {c['mean_dense_logprob']:.3f}", f"[dense] {s['prompt']}{s['dense']['text']}",
                       f"  mean dense log-prob {s['dense']['mean_dense_logprob']:.3f}"]
         lines.append("")
+    if "timing" in report:
+        tm = report["timing"]
+        lines.append(f"time per token: controlled {tm['controlled_ms_per_token']:.1f} ms ({tm['path']} path), dense "
+                     f"{tm['dense_ms_per_token']:.1f} ms: {tm['speedup']:.2f}x (prefill included, after a warm-up run)")
     t = report["targets"]
     lines.append(f"targets: token keep {t['token']:.3f}, prune keep {t['prune']:.3f}, quant ratio {t['quant']:.3f}; "
                  f"realized: {budget_line(report['budget'])} (episodes of {report['episode_len']})")

@@ -1,0 +1,321 @@
+"""The fast decode step for serving one row: each action level is a static-shape branch.
+
+:func:`fast_step` computes what :func:`soljax.lm.controlled.controlled_step` computes for a single
+``(block, schedule)`` row (``B = K = 1``) under QUEST, with the same decisions (the same kept pages,
+channels and bits), but it only does the work the chosen level needs. In every layer:
+
+* **attention**: ``lax.switch`` on the token-keep level. The dense level (kappa = 1) attends every
+  valid key with no scoring. A sparse level kappa scores the QUEST pages from the prefix's page
+  summaries, takes the union of the pages the query heads of each KV-head group keep, and
+  *gathers only those pages* (:func:`soljax.kernels.ops.quest_decode_attention`, ``impl`` xla or
+  pallas). The gather is sized statically per level: page capacities ``c * n`` for ``c`` in
+  :data:`UNION_TIERS` (``n`` = the level's page budget at the longest ``kv_len``, capped at the
+  group size ``G``, since a group's union holds at most ``G * n`` pages unless scores tie), the
+  smallest tier that holds the union running. A union larger than every tier (ties at the
+  threshold) and any kappa that is not a level run the masked path, so results never depend on
+  capacities.
+* **MLP**: ``lax.switch`` on the input-keep level. rho = 1 runs the plain MLP (no top-k);
+  a level rho < 1 prunes the input to its top ``ceil(rho * D)`` channels and either multiplies the
+  masked input by the whole weights (``mlp="masked"``, the CPU default: XLA:CPU gathers of weight
+  rows cost more than they save, see docs/benchmarks.md) or gathers the kept rows of ``w_gate`` /
+  ``w_up`` (``mlp="gather"``, statically sized ``ceil(rho * D)`` rows; a tie that keeps more runs
+  the masked branch).
+* **bits**: ``lax.switch`` on the bits level: 16 skips the quantizer, b < 16 fake-quantizes with
+  a static width (fake quantization is a quality control, not a time saving: see
+  docs/benchmarks.md).
+
+Results equal the masked step up to float32 summation order. :class:`Levels` holds the static
+level values (from an action grid); the dense value of each axis is always a level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soljax.compress import attention as sparse
+from soljax.compress.prune import prune_mask, prune_topk
+from soljax.compress.quant import fake_quant
+from soljax.errors import SoljaxError
+from soljax.kernels import ops
+from soljax.kernels.quest_attention import pages_from_keep
+from soljax.lm import layers as L
+from soljax.lm import model as lm
+from soljax.lm.config import LMConfig
+from soljax.lm.controlled import Controls, SharedPrefix, SparsityConfig, StepInfo, SuffixCache
+
+UNION_TIERS = (1.0, 1.5, 2.0, 3.0, 4.0)  # page capacities per KV head, in multiples of the level's budget
+MLP_PATHS = ("masked", "gather")
+
+
+def _f32(v) -> float:
+    return float(np.float32(v))
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+    """How the fast step runs (static): the ``levels`` that get their own branch, the MLP
+    formulation (``mlp``: masked | gather) and the page-gather implementation
+    (``attention_impl``: xla | pallas, with ``interpret`` for Pallas on CPU)."""
+
+    levels: "Levels"
+    mlp: str = "masked"
+    attention_impl: str = "xla"
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.mlp not in MLP_PATHS:
+            raise SoljaxError(f"the fast path's mlp must be one of {MLP_PATHS}, got {self.mlp!r}")
+        ops.check_impl("the fast path's attention_impl", self.attention_impl)
+
+
+@dataclasses.dataclass(frozen=True)
+class Levels:
+    """Static level values per axis: ``keep`` (kappa), ``rho`` and ``bits``, each sorted and
+    distinct, the dense value (1.0, 1.0, 16) always included; kappa and rho as float32 values
+    (what the controls carry)."""
+
+    keep: tuple[float, ...]
+    rho: tuple[float, ...]
+    bits: tuple[int, ...]
+
+    @classmethod
+    def of(cls, keep=(), rho=(), bits=()) -> "Levels":
+        """Levels from any values (duplicates dropped, the dense values added)."""
+        return cls(keep=tuple(sorted({_f32(v) for v in keep} | {1.0})),
+                   rho=tuple(sorted({_f32(v) for v in rho} | {1.0})),
+                   bits=tuple(sorted({int(b) for b in bits} | {16})))
+
+    @classmethod
+    def from_grid(cls, grid) -> "Levels":
+        """The levels of an :class:`~soljax.compress.actions.ActionGrid`."""
+        return cls.of(grid.kappa.tolist(), grid.rho.tolist(), grid.bits.tolist())
+
+
+def _level_index(value: jax.Array, levels: tuple) -> jax.Array:
+    """Index of ``value`` (a scalar) among ``levels``; ``len(levels)`` when it is none of them."""
+    hits = jnp.asarray(levels, value.dtype) == value
+    return jnp.where(hits.any(), jnp.argmax(hits), len(levels)).astype(jnp.int32)
+
+
+def union_capacities(kappa: float, kv_max: int, prefix_pages: int, page_size: int, group: int) -> tuple[int, ...]:
+    """Static page capacities (ascending, distinct, at most ``prefix_pages``) of a sparse level."""
+    n = -(-math.ceil(np.float32(kappa) * np.float32(kv_max)) // page_size)
+    caps = sorted({min(prefix_pages, max(1, math.ceil(t * n))) for t in UNION_TIERS if t <= group})
+    return tuple(caps)
+
+
+def _attend(lp, ls, mask_p, mask_s, vp, vs):
+    """Softmax over prefix logits ``lp [N, Hkv, G]`` and suffix logits ``ls [T, Hkv, G]`` (masked
+    entries excluded) and the weighted sum of ``vp [N, Hkv, Dh]`` / ``vs [T, Hkv, Dh]`` -> ``[Hkv, G, Dh]``.
+    Written as broadcasts and reductions, so XLA fuses the reads of the values into them."""
+    sp = jnp.where(mask_p, lp, lm.MASK_VALUE)
+    ss = jnp.where(mask_s, ls, lm.MASK_VALUE)
+    m = jnp.maximum(sp.max(0), ss.max(0))
+    ep, es = jnp.exp(sp - m), jnp.exp(ss - m)
+    num = ((ep[..., None] * vp[:, :, None, :].astype(jnp.float32)).sum(0)
+           + (es[..., None] * vs[:, :, None, :].astype(jnp.float32)).sum(0))
+    return num / (ep.sum(0) + es.sum(0))[..., None]
+
+
+def _logits(qg, keys, scale):
+    """``qg [Hkv, G, Dh]`` against ``keys [N, Hkv, Dh]`` -> float32 ``[N, Hkv, G]`` (a fused reduction)."""
+    return (qg[None].astype(jnp.float32) * keys[:, :, None, :].astype(jnp.float32)).sum(-1) * scale
+
+
+def _dense_attention(qg, k_all, v_all, layer, sk, sv, mask_p, mask_s, scale):
+    """Attention of ``qg [Hkv, G, Dh]`` over the layer's prefix ``k_all``/``v_all [L, 1, M, Hkv, Dh]``
+    and suffix ``sk``/``sv [T, Hkv, Dh]`` keys where ``mask_p [M, Hkv, G]`` / ``mask_s [T, Hkv, G]``
+    (broadcastable) hold. The layer is indexed inside the reductions: the cache is never copied."""
+    pk, pv = k_all[layer, 0], v_all[layer, 0]
+    return _attend(_logits(qg, pk, scale), _logits(qg, sk, scale), mask_p, mask_s, pv, sv).astype(qg.dtype)
+
+
+def _gather_attention(qg, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages, num, heads, page_size, scale):
+    """Attention over only the listed prefix pages (``pages [Hkv, NP]``, the first ``num [Hkv]`` used,
+    ``heads [Hkv, NP]`` bitmask of the group's query heads reading each) plus the masked suffix:
+    the gather reads ``NP * page_size`` keys per KV head straight from the whole cache."""
+    Hkv, G, _ = qg.shape
+    NP = pages.shape[-1]
+    pos = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [Hkv, NP, ps]
+    valid = (jnp.arange(NP) < num[:, None])[..., None] & (pos < prefix_len)
+    posc = jnp.clip(pos, 0, k_all.shape[2] - 1).reshape(Hkv, NP * page_size).T  # [N, Hkv]
+    h = jnp.arange(Hkv)[None, :]
+    kp = k_all[layer, 0, posc, h]  # [N, Hkv, Dh]
+    vp = v_all[layer, 0, posc, h]
+    g = jnp.arange(G, dtype=jnp.int32)
+    bits = ((heads[..., None] >> g) & 1) == 1  # [Hkv, NP, G]
+    mask_p = (bits[:, :, None, :] & valid[..., None]).reshape(Hkv, NP * page_size, G).transpose(1, 0, 2)
+    vp = jnp.where(valid.reshape(Hkv, -1).T[..., None], vp, 0)  # unread slots add nothing
+    out = _attend(_logits(qg, kp, scale), _logits(qg, sk, scale), mask_p, mask_s, vp, sv)
+    return out.astype(qg.dtype)
+
+
+MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def _gather_mlp(weights: dict, layer, x_d: jax.Array, keep_d: jax.Array, capacity: int) -> jax.Array:
+    """SwiGLU of ``x_d [D]`` pruned to ``keep_d``, gathering the ``capacity`` kept rows of the layer's
+    gate/up straight from the stacked ``[L, D, F]`` weights (the caller guarantees at most
+    ``capacity`` kept channels)."""
+    idx = jnp.nonzero(keep_d, size=capacity, fill_value=0)[0]
+    used = jnp.arange(capacity) < keep_d.sum()
+    xs = jnp.where(used, x_d[idx], 0)
+    g = xs @ weights["w_gate"][layer, idx]
+    u = xs @ weights["w_up"][layer, idx]
+    return (jax.nn.silu(g) * u) @ weights["w_down"][layer]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=5)
+def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict, prefix: SharedPrefix,
+              suffix: SuffixCache, tokens_bk: jax.Array, controls: Controls | None = None):
+    """:func:`~soljax.lm.controlled.controlled_step` of one row, reading only what its levels need.
+
+    ``tokens_bk [1, 1]``; ``controls`` fields ``[1, 1]`` (None = dense). Needs the QUEST criterion
+    (whole pages). ``path``: the levels and formulations (:class:`FastPath`). Returns what
+    ``controlled_step`` returns.
+    """
+    levels, mlp = path.levels, path.mlp
+    B, K = tokens_bk.shape
+    if (B, K) != (1, 1):
+        raise SoljaxError(f"the fast decode step serves one row, got tokens of shape {(B, K)}")
+    if scfg.criterion != "quest":
+        raise SoljaxError(f"the fast decode step gathers QUEST pages: it needs criterion 'quest', got "
+                          f"{scfg.criterion!r}")
+    M = prefix.capacity
+    T = suffix.k.shape[3]
+    Hq, Hkv, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    G = Hq // Hkv
+    ps = scfg.page_size
+    Pp = prefix.page_valid.shape[1]
+    t = suffix.length
+    inv_freq = L.rope_inv_freq(cfg)
+    prefix_len = prefix.lengths  # [1]
+    position = prefix_len[0] + t
+    kv_len = position + 1
+    valid_p = jnp.arange(M) < prefix_len[0]  # [M]
+    valid_s = jnp.arange(T) <= t  # [T]
+    page_count = jnp.clip(prefix_len[0] - jnp.arange(Pp) * ps, 0, ps)  # valid prefix slots per page
+
+    if controls is None:
+        kappa, rho, bits = jnp.float32(1.0), jnp.float32(1.0), jnp.int32(16)
+        effective = jnp.zeros((1, 1), bool)
+    else:
+        effective = jnp.broadcast_to(kv_len > scfg.min_effective_kv, (1, 1))
+        eff = effective[0, 0]
+        kappa = jnp.where(eff, controls.kappa.reshape(()).astype(jnp.float32), 1.0)
+        rho = jnp.where(eff, controls.rho.reshape(()).astype(jnp.float32), 1.0)
+        bits = jnp.where(eff, controls.bits.reshape(()).astype(jnp.int32), 16)
+    i_keep = _level_index(kappa, levels.keep)
+    i_rho = _level_index(rho, levels.rho)
+    i_bits = _level_index(bits, levels.bits)
+    scale = 1.0 / math.sqrt(Dh)
+    kv_max = M + T
+
+    def layer(x, xs):
+        lp, sk, sv, li = xs  # sk/sv [1, 1, T, Hkv, Dh]; li: the layer index into the prefix cache
+        h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = L.project_qkv(lp, h.reshape(1, 1, -1), position.reshape(1, 1), cfg, inv_freq)
+        q = q.reshape(1, 1, Hq, Dh)
+        sk = jax.lax.dynamic_update_slice_in_dim(sk, k.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
+        sv = jax.lax.dynamic_update_slice_in_dim(sv, v.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
+        qg = q.reshape(Hkv, G, Dh)
+        s_mask = valid_s[:, None, None]  # [T, 1, 1]
+
+        def selection(kap):
+            summaries = (prefix.kmax[li], prefix.kmin[li], prefix.page_valid)
+            return sparse.quest_pages_shared(q, summaries, prefix_len, sk, t + 1, jnp.reshape(kap, (1, 1)), ps)
+
+        def kept_of(page_keep, keep_s):  # [Hq] keys attended per query head
+            return (page_keep[0, 0] * page_count).sum(-1) + (keep_s[0, 0] & valid_s).sum(-1)
+
+        def dense_branch():
+            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0], valid_p[:, None, None], s_mask,
+                                    scale)
+            return attn, jnp.full((Hq,), kv_len, jnp.int32)
+
+        def suffix_mask(keep_s):  # [T, Hkv, G]
+            return (keep_s[0, 0] & valid_s).reshape(Hkv, G, T).transpose(2, 0, 1)
+
+        def masked_branch():  # any kappa: the masked path's keys, every key scored
+            page_keep, keep_s = selection(kappa)
+            keep_p = jnp.repeat(page_keep[0, 0], ps, axis=-1)[:, :M] & valid_p  # [Hq, M]
+            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0],
+                                    keep_p.reshape(Hkv, G, M).transpose(2, 0, 1), suffix_mask(keep_s), scale)
+            return attn, kept_of(page_keep, keep_s)
+
+        def gather(page_keep, keep_s, capacity):
+            pages, num, heads = pages_from_keep(page_keep, Hkv, capacity)
+            if path.attention_impl == "xla":
+                return _gather_attention(qg, prefix.k, prefix.v, li, prefix_len[0], sk[0, 0], sv[0, 0],
+                                         suffix_mask(keep_s), pages[0, 0], num[0, 0], heads[0, 0], ps, scale)
+            out = ops.quest_decode_attention(q, prefix.k[li], prefix.v[li], prefix_len, sk, sv, keep_s & valid_s,
+                                             pages, num, heads, page_size=ps, impl=path.attention_impl,
+                                             interpret=path.interpret)
+            return out.reshape(Hkv, G, Dh)
+
+        def sparse_branch(level: float):
+            caps = union_capacities(level, kv_max, Pp, ps, G)
+
+            def run():
+                page_keep, keep_s = selection(jnp.float32(level))
+                union = page_keep[0, 0].reshape(Hkv, G, Pp).any(axis=1).sum(-1).max()
+                tier = jnp.searchsorted(jnp.asarray(caps), union)  # smallest capacity >= union
+                branches = [functools.partial(gather, page_keep, keep_s, c) for c in caps]
+                branches.append(lambda: masked_branch()[0])  # ties beyond every tier
+                return jax.lax.switch(tier, branches), kept_of(page_keep, keep_s)
+            return run
+
+        keep_branches = [dense_branch if lv >= 1.0 else sparse_branch(lv) for lv in levels.keep]
+        attn, kept = jax.lax.switch(i_keep, keep_branches + [masked_branch])
+        x = x + L.output_proj(lp, attn.reshape(1, 1, Hq, Dh), cfg)
+        h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # [1, 1, D]
+
+        def mlp_weights():  # the layer's MLP weights, sliced inside the branch that reads them all
+            return {n: stacked[n][li] for n in MLP_WEIGHTS}
+
+        def mlp_dense():
+            return L.mlp(mlp_weights(), h2)
+
+        def mlp_masked(r):
+            return lambda: L.mlp(mlp_weights(), prune_topk(h2, jnp.reshape(r, (1, 1))))
+
+        def mlp_gathered(level: float):
+            capacity = int(np.clip(np.ceil(np.float32(level) * np.float32(D)), 1, D))  # prune_counts
+
+            def run():
+                keep = prune_mask(h2[0], jnp.full((1,), level, jnp.float32))[0]
+                return jax.lax.cond(keep.sum() <= capacity,
+                                    lambda: _gather_mlp(stacked, li, h2[0, 0], keep, capacity)[None, None],
+                                    mlp_masked(jnp.float32(level)))
+            return run
+
+        sparse_mlp = mlp_masked if mlp == "masked" else mlp_gathered
+        mlp_branches = [mlp_dense if lv >= 1.0 else sparse_mlp(jnp.float32(lv) if mlp == "masked" else lv)
+                        for lv in levels.rho]
+        out = jax.lax.switch(i_rho, mlp_branches + [mlp_masked(rho)])
+        quant = [(lambda: out) if b >= 16 else functools.partial(fake_quant, out, b) for b in levels.bits]
+        out = jax.lax.switch(i_bits, quant + [lambda: fake_quant(out, bits)])
+        return x + out, (k.reshape(1, 1, Hkv, Dh), v.reshape(1, 1, Hkv, Dh), kept.astype(jnp.int32))
+
+    # The MLP weights and the prefix cache are indexed by layer inside the branches that read them
+    # (scanning over them would copy each layer's whole slice before any branch runs).
+    stacked = {n: params["layers"][n] for n in MLP_WEIGHTS}
+    per_layer = {n: w for n, w in params["layers"].items() if n not in MLP_WEIGHTS}
+    xs = (per_layer, suffix.k, suffix.v, jnp.arange(cfg.num_layers))
+    x = lm.embed(params, tokens_bk)
+    x, (k_new, v_new, kept) = jax.lax.scan(layer, x, xs)  # kept [L, Hq]
+    h = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    suffix = SuffixCache(
+        k=jax.lax.dynamic_update_slice_in_dim(suffix.k, k_new[:, :, :, None], t, axis=3),
+        v=jax.lax.dynamic_update_slice_in_dim(suffix.v, v_new[:, :, :, None], t, axis=3),
+        length=t + 1,
+    )
+    attended = (kept.mean(dtype=jnp.float32) / kv_len.astype(jnp.float32)).reshape(1, 1)
+    info = StepInfo(effective=effective, attended=attended, kept_keys=kept[None, None])
+    return lm.logits(cfg, params, h), h, suffix, info

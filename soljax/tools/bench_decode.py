@@ -1,0 +1,209 @@
+"""``soljax bench decode``: end-to-end decoding time and quality with the controller in the loop.
+
+One prompt at a time (batch 1) on a training run's LM, for each context length: the first
+``context`` tokens of real text (default the eval split) are prefilled once, then the next tokens
+are decoded teacher-forced (so every method decodes the same tokens) by
+
+* ``dense``: the plain dense decoder (:func:`soljax.lm.model.decode_step`, no episodes);
+* ``fixed``: the run grid's budget-matched fixed schedule at each target;
+* ``policy``: the run's policy (greedy actions) at each target;
+
+the last two on the serving path: episodes of the run's horizon T with dense replay between them
+(:mod:`soljax.engine.episodes`), each step on the fast decode path (:mod:`soljax.lm.fast_step`),
+or on the masked step for the ``*-masked`` methods (``masked=True``). Every timing includes
+everything the serving loop does per token: the controller's step (observation, hidden state,
+policy network), the LM step, and the episode's page summaries and dense replay.
+
+Timing: each compiled call decodes T tokens (one episode, or T dense steps); its wall time / T is
+one sample of ms per token. The first call (compilation, warm-up) is dropped; ``ms_per_token`` is
+the median over the remaining calls (``tokens`` decoded tokens, rounded up to whole calls).
+``speedup`` is dense ms / the method's ms in the same run. ``usage`` is the realized mean usage
+per axis over the timed steps (token keep, MLP-input keep / rho_max, bits / 16), ``net_keep`` their
+mean; ``nll`` the mean negative log-likelihood (nats) of the timed tokens under that controller.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soljax.compress.targets import as_targets
+from soljax.engine.episodes import ControlledModel, run_episode, start
+from soljax.errors import SoljaxError
+from soljax.lm import model as lm
+from soljax.lm.config import LMConfig
+from soljax.serve.generate import realized_budget
+from soljax.tools.bench_kernels import device_name
+
+DEFAULT_CONTEXTS = (1024, 4096, 8000)
+DEFAULT_TARGETS = ((0.6, 0.9, 0.75), (0.4, 0.8, 0.6), (0.2, 0.7, 0.45))
+METHODS = ("dense", "fixed", "policy")
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def dense_chunk(cfg: LMConfig, params: dict, cache: lm.KVCache, inputs_t: jax.Array, targets_t: jax.Array):
+    """T teacher-forced dense decode steps of one row: inputs ``[T]`` -> ``(cache, logp [T])`` of
+    ``targets_t`` (the next tokens)."""
+    def step(cache, tok_target):
+        tok, target = tok_target
+        logits, _, cache = lm.decode_step(cfg, params, cache, tok[None])
+        return cache, jax.nn.log_softmax(logits[0])[target]
+
+    return jax.lax.scan(step, cache, (inputs_t, targets_t))
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _row(context: int, method: str, target, usage: dict, times: list[float], logp: np.ndarray, T: int) -> dict:
+    axes = [usage["token"], usage["prune"], usage["quant"]]
+    return {"context": context, "method": method, "target": None if target is None else [float(v) for v in target],
+            "usage": {k: float(v) for k, v in zip(("token", "prune", "quant"), axes)},
+            "net_keep": float(np.mean(axes)), "ms_per_token": float(np.median(times)) * 1000.0 / T,
+            "nll": float(-np.mean(logp)), "calls": len(times)}
+
+
+def decode_dense(model: ControlledModel, state0, inputs: np.ndarray, nexts: np.ndarray, T: int):
+    """Per-call seconds (warm-up dropped) and log-probs of the timed tokens under the dense decoder."""
+    cache = _copy(state0.cache)
+    times, logps = [], []
+    for c in range(len(inputs) // T):
+        win = slice(c * T, (c + 1) * T)
+        (cache, logp), s = _timed(lambda: dense_chunk(model.cfg, model.params, cache, jnp.asarray(inputs[win]),
+                                                      jnp.asarray(nexts[win])))
+        if c:
+            times.append(s)
+            logps.append(np.asarray(logp))
+    return times, np.concatenate(logps)
+
+
+def decode_controlled(model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool):
+    """Per-episode seconds (warm-up dropped), log-probs and realized usage of the timed tokens."""
+    T = model.episode_len
+    targets_b3 = as_targets(target, 1)
+    ctrl_params = model.params_for(targets_b3)
+    fast = None if masked else model.fast_for(1)
+    state = _copy(state0)
+    times, logps, usage, eff = [], [], [], []
+    force = jnp.ones((1, T), bool)
+    counted = jnp.full((1,), T, jnp.int32)
+    for e in range(len(nexts) // T):
+        forced = jnp.asarray(nexts[None, e * T:(e + 1) * T])
+        (state, out), s = _timed(lambda: run_episode(
+            model.cfg, model.scfg, model.params, model.controller, ctrl_params, jnp.asarray(targets_b3), state,
+            forced, force, counted, steps=T, fast=fast))
+        if e:
+            times.append(s)
+            logps.append(np.asarray(out.logprobs[0]))
+            usage.append(np.asarray(out.usage[0]))
+            eff.append(np.asarray(out.effective[0]))
+    return times, np.concatenate(logps), realized_budget(np.concatenate(usage), np.concatenate(eff))
+
+
+def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, contexts: Sequence[int] = DEFAULT_CONTEXTS,
+                 tokens: int = 64, targets=DEFAULT_TARGETS, masked: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """The benchmark rows (see the module docstring) for ``models`` (``fixed`` and/or ``policy``
+    :class:`ControlledModel` of one run, same LM and horizon) over token ids ``ids`` of real text."""
+    if not models:
+        raise SoljaxError("give at least one controlled model (fixed or policy)")
+    first = next(iter(models.values()))
+    cfg, params, T = first.cfg, first.params, first.episode_len
+    if tokens < 1 or not contexts or min(contexts) < 2:
+        raise SoljaxError("bench decode needs tokens >= 1 and contexts of at least 2 tokens")
+    n = -(-tokens // T) * T + T  # timed tokens in whole calls, plus one warm-up call
+    rows = []
+    for context in contexts:
+        if context + n > cfg.max_position_embeddings:
+            raise SoljaxError(f"context {context} plus {n} decoded tokens (warm-up included) exceed the model's "
+                              f"{cfg.max_position_embeddings} positions: use a shorter context or fewer tokens")
+        if context + n > len(ids):
+            raise SoljaxError(f"the text has {len(ids)} tokens, fewer than context {context} plus {n} decoded")
+        prompt = np.asarray(ids[:context], np.int32)
+        nexts = np.asarray(ids[context:context + n], np.int32)
+        inputs = np.concatenate([prompt[-1:], nexts[:-1]])
+        if progress:
+            progress(f"context {context}: prefill")
+        capacity = -(-(context + n) // 64) * 64
+        state0 = start(cfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32), capacity,
+                       jax.random.PRNGKey(0))
+        if progress:
+            progress(f"context {context}: dense")
+        times, logp = decode_dense(first, state0, inputs, nexts, T)
+        ones = {"token": 1.0, "prune": 1.0, "quant": 1.0}
+        dense = _row(context, "dense", None, ones, times, logp, T)
+        rows.append(dense)
+        for name, model in models.items():
+            for path in ("fast", "masked") if masked else ("fast",):
+                method = name if path == "fast" else f"{name}-masked"
+                for target in targets:
+                    if progress:
+                        progress(f"context {context}: {method} at {tuple(target)}")
+                    times, logp, budget = decode_controlled(model, state0, nexts, target, path == "masked")
+                    rows.append(_row(context, method, target, budget, times, logp, T))
+        for r in rows:
+            if r["context"] == context:
+                r["speedup"] = dense["ms_per_token"] / r["ms_per_token"]
+    return {"device": device_name(), "rows": rows}
+
+
+def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_CONTEXTS, tokens: int = 64,
+                     targets=DEFAULT_TARGETS, data: str = "eval", methods: Sequence[str] = ("fixed", "policy"),
+                     masked: bool = False, model_dir: str | Path | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """:func:`bench_decode` of a training run's LM, fixed schedule and policy on ``data`` (a split
+    or a text file)."""
+    from soljax.data.blocks import load_token_ids
+    from soljax.runs import controlled_model, load_lm, run_config
+
+    unknown = set(methods) - {"fixed", "policy"}
+    if unknown:
+        raise SoljaxError(f"unknown bench decode method(s) {sorted(unknown)} (expected fixed, policy)")
+    cfg, params, tok = load_lm(run_config(run_dir), model_dir=model_dir)
+    models = {m: controlled_model(cfg, params, run_dir, controller=m) for m in methods}
+    ids = load_token_ids(data, tok)
+    return bench_decode(models, ids, contexts=contexts, tokens=tokens, targets=targets, masked=masked,
+                        progress=progress)
+
+
+def format_table(result: dict) -> str:
+    """The rows as a text table."""
+    lines = [f"device: {result['device']}",
+             f"{'context':>7} {'method':>13} {'target t/p/q':>16} {'usage t/p/q':>17} {'net keep':>8} "
+             f"{'ms/token':>9} {'speedup':>7} {'nll':>7}"]
+    for r in result["rows"]:
+        tgt = "-" if r["target"] is None else "/".join(f"{v:.2f}" for v in r["target"])
+        use = "/".join(f"{r['usage'][a]:.2f}" for a in ("token", "prune", "quant"))
+        lines.append(f"{r['context']:>7} {r['method']:>13} {tgt:>16} {use:>17} {r['net_keep']:>8.3f} "
+                     f"{r['ms_per_token']:>9.2f} {r['speedup']:>7.2f} {r['nll']:>7.4f}")
+    return "\n".join(lines)
+
+
+def bench_decode_cli(args, say) -> None:
+    """``soljax bench decode``: run, print (table or JSON), optionally plot."""
+    import json
+
+    from soljax.compress.targets import parse_targets
+    from soljax.plots import plot_decode_time
+
+    if not args.run:
+        raise SoljaxError("bench decode needs --run RUN_DIR (a training run: its LM, grid and policy)")
+    targets = parse_targets(args.targets) if args.targets else DEFAULT_TARGETS
+    result = run_bench_decode(args.run, contexts=tuple(args.context or DEFAULT_CONTEXTS), tokens=args.tokens,
+                              targets=targets, data=args.data, masked=args.masked, progress=say)
+    print(json.dumps(result) if args.json else format_table(result))
+    if args.plot:
+        plot_decode_time(result["rows"], Path(args.plot))

@@ -1,0 +1,77 @@
+"""``soljax bench decode`` on a tiny model: the JSON schema, the speedup arithmetic, the plot."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_lm, write_policy_run
+from soljax import cli
+from soljax.config import TrainConfig
+from soljax.control.network import PolicyConfig, init_policy
+from soljax.errors import SoljaxError
+from soljax.lm.checkpoint import save_model
+from soljax.lm.tokenizer import Tokenizer
+from soljax.tools.bench_decode import format_table
+
+CFG, PARAMS = tiny_lm(0, scale=0.5, max_position_embeddings=128)
+ROW_KEYS = {"context", "method", "target", "usage", "net_keep", "ms_per_token", "speedup", "nll", "calls"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, word_tokenizer_json):
+    root = tmp_path_factory.mktemp("bench_decode")
+    save_model(root / "model", CFG, PARAMS, Tokenizer(word_tokenizer_json(CFG.vocab_size)))
+    tcfg = TrainConfig.load(None, [f"model={root / 'model'}", "rollout_len=4", "policy_d_model=32",
+                                   "policy_n_heads=2", "policy_max_len=8", "quest_page_size=4", "Ts=1", "Tw=1",
+                                   "keep_fracs=[0.1,1.0]", "struct_prune_choices=[s60,s100]",
+                                   "quant_choices=[q5,q16]"])
+    pcfg = PolicyConfig(d_model=32, n_heads=2, max_len=8)
+    write_policy_run(root / "run", tcfg, init_policy(pcfg, 8, CFG.hidden_size, CFG.hidden_size,
+                                                     jax.random.PRNGKey(1)))
+    rng = np.random.default_rng(0)
+    (root / "text.txt").write_text(" ".join(f"w{i}" for i in rng.integers(1, CFG.vocab_size, 400)))
+    return root
+
+
+def test_bench_decode_json_schema_and_speedups(run, capsys, tmp_path):
+    argv = ["bench", "decode", "--run", str(run / "run"), "--data", str(run / "text.txt"), "--context", "40",
+            "--tokens", "6", "--targets", "0.5,0.8,0.6;0.2,0.6,0.4", "--masked", "--json",
+            "--plot", str(tmp_path / "time.png")]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"device", "rows"} and isinstance(result["device"], str)
+    rows = result["rows"]
+    methods = {"dense", "fixed", "policy", "fixed-masked", "policy-masked"}
+    assert {r["method"] for r in rows} == methods and {r["context"] for r in rows} == {40}
+    assert len(rows) == 1 + 4 * 2
+    for r in rows:
+        assert set(r) == ROW_KEYS and r["calls"] == 2  # 6 tokens -> two calls of T = 4 after the warm-up
+        dense = next(d for d in rows if d["context"] == r["context"] and d["method"] == "dense")
+        assert r["speedup"] == pytest.approx(dense["ms_per_token"] / r["ms_per_token"])
+        assert r["net_keep"] == pytest.approx(np.mean(list(r["usage"].values())))
+        assert np.isfinite(r["nll"]) and r["nll"] > 0
+    assert all(d["speedup"] == 1.0 and d["target"] is None and d["net_keep"] == 1.0
+               for d in rows if d["method"] == "dense")
+    # the fast and the masked path decode the same tokens under the same decisions
+    for r in rows:
+        if r["method"] in ("fixed", "policy"):
+            m = next(x for x in rows if x["method"] == r["method"] + "-masked" and x["context"] == r["context"]
+                     and x["target"] == r["target"])
+            assert r["usage"] == pytest.approx(m["usage"]) and r["nll"] == pytest.approx(m["nll"], abs=1e-4)
+    fixed = [r for r in rows if r["method"] == "fixed"]
+    assert any(r["net_keep"] < 0.9 for r in fixed)  # the schedules really compress
+    assert (tmp_path / "time.png").stat().st_size > 0
+    assert "speedup" in format_table(result)
+
+
+def test_bench_decode_bad_input(run, capsys):
+    base = ["bench", "decode", "--data", str(run / "text.txt"), "--tokens", "6"]
+    assert cli.main(base) != 0 and "--run" in capsys.readouterr().err
+    assert cli.main(base + ["--run", str(run / "run"), "--context", "120"]) != 0
+    assert "positions" in capsys.readouterr().err
+    with pytest.raises(SoljaxError, match="method"):
+        from soljax.tools.bench_decode import run_bench_decode
+
+        run_bench_decode(run / "run", methods=("oracle",))
