@@ -11,6 +11,7 @@ which both paths are right and differ by more than summation order.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,21 +44,22 @@ def test_fast_step_equals_the_masked_step_on_the_embedded_model(embedded_model, 
     assert len(ids) >= LENGTH + T
     tokens = jnp.asarray([ids[:LENGTH] + [0] * (M - LENGTH)], jnp.int32)
     path = FastPath(Levels.from_grid(GRID))
+    _, prefix = prefill_shared(cfg, SCFG, params, tokens, jnp.array([LENGTH]))
+    masked = jax.jit(lambda p, *x: controlled_step(cfg, SCFG, p, *x))
+    fast = jax.jit(lambda p, *x: fast_step(cfg, SCFG, path, p, *x))
 
     def decode(step, a):
-        _, prefix = prefill_shared(cfg, SCFG, params, tokens, jnp.array([LENGTH]))
         suffix = SuffixCache.empty(cfg, 1, 1, T)
         c = Controls(*(jnp.asarray(v).reshape(1, 1) for v in GRID.controls(a)))
         out = []
         for t in range(T):
-            lg, _, suffix, info = step(prefix, suffix, jnp.asarray([[ids[LENGTH + t]]]), c)
+            lg, _, suffix, info = step(params, prefix, suffix, jnp.asarray([[ids[LENGTH + t]]]), c)
             out.append((np.asarray(lg), np.asarray(info.kept_keys)))
         return out
 
     sparse = False
     for a in actions:
-        want = decode(lambda *x: controlled_step(cfg, SCFG, params, *x), a)
-        got = decode(lambda *x: fast_step(cfg, SCFG, path, params, *x), a)
+        want, got = decode(masked, a), decode(fast, a)
         for (lw, kw), (lg, kg) in zip(want, got):
             np.testing.assert_array_equal(kg, kw)
             np.testing.assert_allclose(lg, lw, rtol=0, atol=1e-4 * np.abs(lw).max())
