@@ -41,7 +41,7 @@ def evaluate(root: Path) -> dict:
     model, _ = load_controlled(root / "run")
     out["continuations"] = [s.logprobs.tolist() for s in score_continuations(model, PROMPTS, CONTINUATIONS, TARGETS)]
     out["generated"] = [g.tokens for g in controlled_generate(model, PROMPTS, 6, TARGETS)]
-    sweep = eval_ppl(root / "run", SweepConfig(data=str(root / "text.txt"), num_blocks=4, batch_size=2,
+    sweep = eval_ppl(root / "run", SweepConfig(data=str(root / "text.txt"), num_blocks=4, batch_size=4,
                                                random_trials=2, methods=("policy", "fixed", "dense"),
                                                split="valid", targets=((0.5, 0.8, 0.6),)),
                      root / "eval_out", progress=False)

@@ -54,15 +54,20 @@ def patch_datasets(vocab_size: int) -> None:
     datasets.load_dataset = load_dataset
 
 
-def first_learn_pass(cfg) -> tuple[int, int]:
-    """``(data batches, optimizer updates)`` up to the end of the config's first learning pass, by
-    the trainer's arithmetic: a buffer of ``ppo_target_batch_size`` step entries fills in that many
-    batches, then one pass of minibatches over it computes the PPO gradients; an AdamW step follows
-    every ``grad_accum_steps`` minibatches, counted across passes, so it may come passes later."""
-    B, K, T = cfg.batch_size, cfg.grpo_rollouts_per_input, cfg.rollout_len
-    per_buffer = math.ceil(cfg.ppo_target_batch_size / (T * B * K))
-    minibatches = math.ceil(per_buffer * B * K / max(1, cfg.ppo_minibatch_size // T))
-    return per_buffer, minibatches // cfg.grad_accum_steps
+def first_learn_pass(cfg) -> int:
+    """The data batches up to the end of the config's first learning pass, by the trainer's
+    arithmetic: a buffer of ``ppo_target_batch_size`` step entries fills in that many batches, then
+    one pass of minibatches over it computes the PPO gradients."""
+    return math.ceil(cfg.ppo_target_batch_size / (cfg.rollout_len * cfg.batch_size * cfg.grpo_rollouts_per_input))
+
+
+def updates_after(cfg, batches: int) -> int:
+    """Optimizer updates after ``batches`` data batches: an AdamW step every ``grad_accum_steps``
+    minibatches, counted across learning passes (so it may come passes after the first)."""
+    per_buffer = first_learn_pass(cfg)
+    minibatches = math.ceil(per_buffer * cfg.batch_size * cfg.grpo_rollouts_per_input
+                            / max(1, cfg.ppo_minibatch_size // cfg.rollout_len))
+    return batches // per_buffer * minibatches // cfg.grad_accum_steps
 
 
 def run_config(name: str, standin: str, out: Path) -> dict:
@@ -73,8 +78,9 @@ def run_config(name: str, standin: str, out: Path) -> dict:
     from soljax.train.trainer import Trainer
 
     path = PAPER / f"{name}.yaml"
-    n, updates = first_learn_pass(TrainConfig.load(path))
-    start = time.perf_counter()
+    cfg = TrainConfig.load(path)
+    n, updates = first_learn_pass(cfg), updates_after(cfg, first_learn_pass(cfg))
+    cpu, start = time.process_time(), time.perf_counter()
     tr = Trainer(TrainConfig.load(path, [f"model={standin}", f"max_batches={n}"]))
     state = tr.run(out / name, progress=False)
     first_s = time.perf_counter() - start
@@ -87,7 +93,7 @@ def run_config(name: str, standin: str, out: Path) -> dict:
     tr2 = Trainer(TrainConfig.load(path, [f"model={standin}", f"max_batches={n + 1}"]))
     state2 = tr2.run(out / name, resume=True, progress=False)
     resume_s = time.perf_counter() - start
-    assert int(state2.batch) == n + 1 and int(state2.updates) == updates, (name, int(state2.batch))
+    assert (int(state2.batch), int(state2.updates)) == (n + 1, updates_after(cfg, n + 1)), (name, int(state2.batch))
     assert [r["batch"] for r in read_metrics(out / name / "metrics.jsonl")] == list(range(1, n + 2))
     plan = tr.plan
     wq, embed = tr.lm_params["layers"]["wq"], tr.lm_params["embed"]
@@ -95,7 +101,8 @@ def run_config(name: str, standin: str, out: Path) -> dict:
             "mesh": None if plan is None else [plan.data_size, plan.model_size],
             "wq": [list(wq.shape), list(wq.addressable_shards[0].data.shape)],
             "embed": [list(embed.shape), list(embed.addressable_shards[0].data.shape)],
-            "batches": n, "updates": updates, "first_s": round(first_s, 1), "resume_s": round(resume_s, 1)}
+            "batches": n, "updates": updates, "first_s": round(first_s, 1), "resume_s": round(resume_s, 1),
+            "cpu_s": round(time.process_time() - cpu, 1)}
 
 
 def main(out: Path, standins: dict[str, str], devices: int, names: list[str]) -> None:
