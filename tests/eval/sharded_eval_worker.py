@@ -58,7 +58,7 @@ def placement(model) -> dict:
     the shape of one device's shard; the policy's device count and whether it is replicated."""
     import jax
 
-    lm = {jax.tree_util.keystr(p): [str(x.sharding.spec) if hasattr(x.sharding, "spec") else None,
+    lm = {jax.tree_util.keystr(p): [list(x.sharding.spec) if hasattr(x.sharding, "spec") else None,
                                     list(x.addressable_shards[0].data.shape), list(x.shape)]
           for p, x in jax.tree_util.tree_flatten_with_path(model.params)[0]}
     pol = jax.tree.leaves(model.ctrl_params)
