@@ -36,9 +36,11 @@ def _model_dir(arg: str | None, dtype: str | None = None) -> Path:
 
 
 def _load(arg: str | None, dtype: str | None = None):
+    """The LM on every local device (its weights split over a model axis: soljax.parallel.serving_plan)."""
     from soljax.lm.checkpoint import load_model
+    from soljax.parallel import serving_lm_sharding
 
-    return load_model(_model_dir(arg, dtype), dtype=dtype)
+    return load_model(_model_dir(arg, dtype), dtype=dtype, sharding=serving_lm_sharding())
 
 
 def cmd_setup(args) -> None:

@@ -103,7 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # scale-out (soljax.parallel, docs/scaleout.md)
     mesh_data: int = 0
-    mesh_model: int = 1
+    mesh_model: int = 0
     shard_policy: str = "replicated"
     distributed: str = "auto"
     coordinator_address: str | None = None

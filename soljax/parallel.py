@@ -19,7 +19,9 @@ The policy, its reference copy, the optimizer state and the gradient accumulator
 dimension (``shard_policy: fsdp``, ZeRO-3 style). Sharding never changes results beyond
 floating-point summation order.
 
-Config keys: ``mesh_data``/``mesh_model`` (0 = infer from the device count), ``shard_policy``,
+Config keys: ``mesh_data``/``mesh_model`` (0 = infer: by default ``data`` is the largest divisor of
+the device count that divides ``batch_size`` and the remaining devices form ``model``, so any batch
+size runs on any device count; see :func:`mesh_shape`), ``shard_policy``,
 and for several processes ``distributed`` (auto | on | off), ``coordinator_address``,
 ``num_processes``, ``process_id``, each falling back to ``SOLJAX_COORDINATOR_ADDRESS`` (or JAX's
 own ``JAX_COORDINATOR_ADDRESS``), ``SOLJAX_NUM_PROCESSES`` and ``SOLJAX_PROCESS_ID``. See
@@ -118,36 +120,50 @@ def is_primary() -> bool:
 # The mesh
 
 
-def mesh_shape(mesh_data: int, mesh_model: int, num_devices: int) -> tuple[int, int]:
-    """``(data, model)`` axis sizes: 0 means "infer" (all devices not used by the other axis;
-    both 0: every device on ``data``).
+def _largest_divisor(n: int, batch_size: int | None) -> int:
+    """The largest divisor of ``n`` that also divides ``batch_size`` (``n`` itself when None)."""
+    if batch_size is None:
+        return n
+    return max(d for d in range(1, n + 1) if n % d == 0 and batch_size % d == 0)
 
-    Both given: their product may be at most the device count (the first devices are used).
+
+def mesh_shape(mesh_data: int, mesh_model: int, num_devices: int, batch_size: int | None = None) -> tuple[int, int]:
+    """``(data, model)`` axis sizes for ``num_devices`` devices; 0 means "infer".
+
+    * both 0: ``data`` is the largest divisor of the device count that also divides ``batch_size``
+      (the blocks of a batch are split over ``data``), every remaining device goes on ``model``
+      (``data x model`` = all devices: 8 devices, batch 4 -> 4 x 2; batch 2 -> 2 x 4);
+    * ``mesh_data`` 0, ``mesh_model`` m: m must divide the device count; ``data`` is the largest
+      divisor of ``num_devices / m`` that divides ``batch_size`` (``mesh_model=1``: data parallel only,
+      on as many devices as the batch can use);
+    * ``mesh_model`` 0, ``mesh_data`` d: d must divide the device count; ``model`` takes the rest;
+    * both given: their product may be at most the device count (the first devices are used).
+
+    ``batch_size`` None: no batch constraint. Impossible values raise one :class:`SoljaxError` line.
     """
     for name, v in (("mesh_data", mesh_data), ("mesh_model", mesh_model)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise SoljaxError(f"config: {name} must be a non-negative integer (0 = infer), got {v!r}")
-    model = mesh_model or 1
-    if mesh_data == 0 and mesh_model == 0:
-        return num_devices, 1
     if mesh_data == 0 or mesh_model == 0:
         given, name = (mesh_model, "mesh_model") if mesh_data == 0 else (mesh_data, "mesh_data")
-        if num_devices % given:
+        if given and num_devices % given:
             raise SoljaxError(f"{name}={given} does not divide the {num_devices} devices: choose a divisor "
                               f"of {num_devices} or give both mesh_data and mesh_model")
-        other = num_devices // given
-        return (other, given) if mesh_data == 0 else (given, other)
-    if mesh_data * model > num_devices:
-        raise SoljaxError(f"mesh_data x mesh_model = {mesh_data} x {model} = {mesh_data * model} needs more "
-                          f"than the {num_devices} devices available")
-    return mesh_data, model
+        if mesh_data:
+            return mesh_data, num_devices // mesh_data
+        data = _largest_divisor(num_devices // (mesh_model or 1), batch_size)
+        return data, mesh_model or num_devices // data
+    if mesh_data * mesh_model > num_devices:
+        raise SoljaxError(f"mesh_data x mesh_model = {mesh_data} x {mesh_model} = {mesh_data * mesh_model} needs "
+                          f"more than the {num_devices} devices available")
+    return mesh_data, mesh_model
 
 
 def make_mesh(cfg, devices: list | None = None) -> Mesh | None:
     """The ``(data, model)`` mesh for ``cfg`` over ``devices`` (default: all devices of all
     processes), or None when it has a single device (the plain single-device path)."""
     devices = list(jax.devices() if devices is None else devices)
-    data, model = mesh_shape(cfg.mesh_data, cfg.mesh_model, len(devices))
+    data, model = mesh_shape(cfg.mesh_data, cfg.mesh_model, len(devices), cfg.batch_size)
     if data * model == 1 and jax.process_count() == 1:
         return None
     if jax.process_count() > 1 and data * model != len(devices):
@@ -283,6 +299,39 @@ def plan_from_config(cfg, devices: list | None = None) -> MeshPlan | None:
     """The :class:`MeshPlan` for ``cfg`` (None on the single-device path)."""
     mesh = make_mesh(cfg, devices)
     return None if mesh is None else MeshPlan(mesh=mesh, shard_policy=cfg.shard_policy)
+
+
+def serving_plan(devices: list | None = None) -> MeshPlan | None:
+    """The mesh evaluation, generation and scoring put the frozen LM on: this process's devices
+    (default :func:`jax.local_devices`) as a ``data`` x ``model`` mesh of 1 x n, so the LM's weights
+    are split over ``model`` by the training rules (:func:`lm_param_spec`: heads, MLP width and
+    vocabulary; a tensor that does not divide stays replicated) and each device holds about 1/n of
+    them. Inputs and small state (a policy, targets, schedules) stay replicated; XLA partitions
+    the computation. None on one device: the plain single-device path, results unchanged."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if len(devices) == 1:
+        return None
+    data, model = mesh_shape(1, 0, len(devices))
+    mesh = jax.make_mesh((data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    return MeshPlan(mesh=mesh)
+
+
+def serving_lm_sharding(devices: list | None = None):
+    """``(path, shape) -> sharding`` for loading the LM onto :func:`serving_plan` (the form
+    :func:`soljax.lm.load_model` takes), or None on one device."""
+    plan = serving_plan(devices)
+    return None if plan is None else plan.lm_sharding
+
+
+def replicate_on(tree, params):
+    """``tree`` (small state such as a policy's variables) replicated on the mesh that ``params``
+    (the LM's arrays) live on, so both can enter one compiled call; ``tree`` unchanged when
+    ``params`` sit on one device."""
+    sharding = next((x.sharding for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return tree
+    rep = NamedSharding(sharding.mesh, P())
+    return place(tree, jax.tree.map(lambda _: rep, tree))
 
 
 def describe(plan: MeshPlan | None) -> str:

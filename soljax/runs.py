@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import yaml
 
+from soljax import parallel
 from soljax.config import TrainConfig, action_grid, policy_config, sparsity_config
 from soljax.control import GivenActions, GivenControls, PolicyController, fixed_schedule
 from soljax.engine import ControlledModel
@@ -139,6 +140,14 @@ def load_lm(cfg: TrainConfig, sharding=None, *, model_dir: str | Path | None = N
     return load_model(model, dtype=dtype, sharding=sharding)
 
 
+def load_lm_sharded(cfg: TrainConfig, *, model_dir: str | Path | None = None, dtype: str | None = None) -> tuple:
+    """:func:`load_lm` onto every local device, the way evaluation and generation use the LM: its
+    weights restored straight onto :func:`soljax.parallel.serving_plan`'s mesh (split over the
+    ``model`` axis by the training rules), so a model too large for one device still loads. On one
+    device it is exactly :func:`load_lm`."""
+    return load_lm(cfg, parallel.serving_lm_sharding(), model_dir=model_dir, dtype=dtype)
+
+
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
                      greedy: bool = True, guard: bool = False, fast: bool = True) -> ControlledModel:
     """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
@@ -175,14 +184,15 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError(f"the policy in {run_dir} was trained on an LM of another width (input size "
                           f"{got}, this LM needs {want}): use the run's model")
     policy = PolicyController(grid=grid, policy=pcfg, greedy=greedy, guard=guard)
-    return ControlledModel(cfg, params, scfg, policy, variables, T, fast=path)
+    return ControlledModel(cfg, params, scfg, policy, parallel.replicate_on(variables, params), T, fast=path)
 
 
 def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
                     step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False,
                     fast: bool = True):
     """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
-    own model) and its policy, fixed baseline or dense model (see :func:`controlled_model`)."""
-    cfg, params, tok = load_lm(run_config(run_dir), model_dir=model_dir, dtype=dtype)
+    own model, on every local device: see :func:`load_lm_sharded`) and its policy, fixed baseline or
+    dense model (see :func:`controlled_model`)."""
+    cfg, params, tok = load_lm_sharded(run_config(run_dir), model_dir=model_dir, dtype=dtype)
     return controlled_model(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
                             guard=guard, fast=fast), tok

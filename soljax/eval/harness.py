@@ -33,7 +33,7 @@ import numpy as np
 from soljax.compress.actions import AXES
 from soljax.errors import SoljaxError
 from soljax.runs import CONTROLLERS as MODES
-from soljax.runs import controlled_model, load_lm, run_config
+from soljax.runs import controlled_model, load_lm_sharded, run_config
 MMLU_SUBJECTS = ("conceptual physics", "high school chemistry", "international law")
 
 
@@ -254,7 +254,7 @@ def run_downstream(run_dir: str | Path, targets, *, tasks: tuple[str, ...] = ("s
     if bad or not modes:
         raise SoljaxError(f"unknown modes {bad} (choose from {', '.join(MODES)})")
     if lm is None:
-        lm = load_lm(run_config(run_dir))
+        lm = load_lm_sharded(run_config(run_dir))
     cfg, params, tok = lm
     targets = [tuple(map(float, t)) for t in np.atleast_2d(np.asarray(targets, np.float64))]
     if guard and "policy" in modes:  # refuse a target the guard cannot cap before anything runs

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soljax import parallel
 from soljax.compress.actions import AXES, ActionGrid
 from soljax.config import action_grid, check_episode_length, policy_config, sparsity_config
 from soljax.control import (DriftController, EntropyMarginController, GivenActions, GivenControls, PolicyController,
@@ -191,7 +192,7 @@ class Sweep:
         self.lm_cfg, self.params, self.tokenizer = lm
         check_episode_length(train_cfg, self.lm_cfg)
         self.cfg = train_cfg
-        self.policy_vars = policy_vars
+        self.policy_vars = parallel.replicate_on(policy_vars, self.params)  # beside the LM, on its mesh
         self.sc = scfg
         self.grid = action_grid(train_cfg)
         self.sparsity = sparsity_config(train_cfg)
@@ -379,11 +380,11 @@ def eval_ppl(run_dir: str | Path, scfg: SweepConfig, out_dir: str | Path | None 
              lm: tuple | None = None, progress: bool = True) -> dict:
     """Loads the run's policy and LM, cuts evaluation blocks, runs the sweep and writes it."""
     from soljax.data.blocks import load_blocks
-    from soljax.runs import checkpoint_steps, load_lm, load_policy
+    from soljax.runs import checkpoint_steps, load_lm_sharded, load_policy
 
     train_cfg, policy_vars = load_policy(run_dir)
     if lm is None:
-        lm = load_lm(train_cfg)
+        lm = load_lm_sharded(train_cfg)
     check_episode_length(train_cfg, lm[0])  # before cutting blocks of that length
     blocks = split_blocks(load_blocks(scfg.data, lm[2], context_len=train_cfg.context_len,
                                       rollout_len=train_cfg.rollout_len, seed=scfg.seed), scfg)

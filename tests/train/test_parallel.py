@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -58,10 +59,12 @@ def test_mesh_shape_errors(data, model, devices, needle):
 def test_make_mesh_checks_devices_and_batch():
     one = jax.devices()[:1]
     with pytest.raises(SoljaxError, match="needs more than the 1 devices"):
-        parallel.make_mesh(TrainConfig.load(None, ["mesh_data=2", "batch_size=2"]), one)
+        parallel.make_mesh(TrainConfig.load(None, ["mesh_data=2", "mesh_model=1", "batch_size=2"]), one)
     fake = one * 4  # only the count matters before the batch check
+    unchecked = types.SimpleNamespace(mesh_data=4, mesh_model=1, batch_size=2)  # TrainConfig refuses it itself
     with pytest.raises(SoljaxError, match="batch_size 2 does not divide over mesh_data=4"):
-        parallel.make_mesh(TrainConfig.load(None, ["mesh_data=0", "batch_size=2"]), fake)
+        parallel.make_mesh(unchecked, fake)
+    assert parallel.mesh_shape(0, 0, 4, 2) == (2, 2)  # inferred: the batch's blocks over data, the rest on model
     assert parallel.plan_from_config(TrainConfig(), one) is None  # one device: the plain path
 
 
