@@ -329,11 +329,11 @@ class Sweep:
     def _passages(self, passage: dict, blocks: np.ndarray) -> list[dict]:
         """The policy's per-token actions on the first evaluation blocks, for the report."""
         out = []
-        n = min(4, len(blocks))
         levels = axis_levels(self.grid)
         P, Q = len(levels[1]), len(levels[2])
         for p, acts in passage.items():
-            acts = np.asarray(acts)[:n]
+            acts = np.asarray(acts)[:4]  # the first batch's blocks: at most 4, fewer in a smaller batch
+            n = len(acts)
             idx = [acts // (P * Q), (acts // Q) % P, acts % Q]
             usage = np.stack([lv[i] for lv, i in zip(levels, idx)], -1)  # [n, T, 3]
             out.append({"target": dict(zip(AXES, map(float, self.targets[p]))),
