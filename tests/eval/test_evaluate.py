@@ -194,7 +194,10 @@ def test_guarded_sweep_caps_the_policy_and_says_so(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps(result))
     assert "hard cap" in markdown(load_sweep(tmp_path))
     # at the grid's floor every action is the cheapest: the policy's schedule is the fixed one, and
-    # both are scored in the same call, so their NLLs agree to the bit
-    sc = dataclasses.replace(sc, targets=((0.1, 0.6, 5 / 16),))
-    pol, fixed = Sweep(LM, CFG, _dense_loving_policy(), sc).run(BLOCKS[:4], progress=False)["points"]
+    # both are scored in the same call, so their NLLs agree to the bit (batches of 2: the report's
+    # passages then hold the first batch's 2 blocks)
+    sc = dataclasses.replace(sc, targets=((0.1, 0.6, 5 / 16),), batch_size=2)
+    result = Sweep(LM, CFG, _dense_loving_policy(), sc).run(BLOCKS[:4], progress=False)
+    pol, fixed = result["points"]
     assert pol["block_nll"] == fixed["block_nll"]
+    assert [len(p["blocks"]) for p in result["passages"]] == [2]
