@@ -49,7 +49,8 @@ TOKENIZE_BATCH = 512
 _CACHE_FORMAT = "soljax-tokens-v1"
 
 
-def _read_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file, or one line saying why it cannot be read."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -65,7 +66,7 @@ def _read_corpus(name: str, cache: Path | str | None) -> str:
             f"missing text corpus {path}: fetch it with soljax.data.assets.fetch_corpora() "
             "(the setup step), or put any UTF-8 text file there"
         )
-    return _read_file(path)
+    return read_text_file(path)
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str, str]:
@@ -160,12 +161,12 @@ def read_texts(source: str | os.PathLike, cache: Path | str | None = None, *,
         return [_read_corpus(src, cache)]
     path = Path(src).expanduser()
     if path.is_file():
-        return [_read_file(path)]
+        return [read_text_file(path)]
     if path.is_dir():
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
             raise SoljaxError(f"directory {path} holds no .txt files")
-        return [_read_file(p) for p in files]
+        return [read_text_file(p) for p in files]
     raise SoljaxError(
         f"data source {src!r} is not a split ({', '.join(SPLITS)}), a corpus "
         f"({', '.join(assets.CORPORA)}), an existing file or directory, or hf:DATASET"

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from soljax.data import assets
-from soljax.data.blocks import SPLITS, make_blocks, parse_hf_source
+from soljax.data.blocks import SPLITS, make_blocks, parse_hf_source, read_text_file
 from soljax.errors import SoljaxError
 
 WIKITEXT2 = "hf:wikitext:wikitext-2-raw-v1:validation:text"
@@ -114,15 +114,6 @@ def _lines(text: str) -> list[str]:
     return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SoljaxError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except OSError as e:
-        raise SoljaxError(f"cannot read {path}: {e.strerror}") from e
-
-
 def _read_saved(path: Path, split: str, field: str, max_rows: int) -> EvalRows:
     datasets = _datasets()
     try:
@@ -183,11 +174,11 @@ def read_rows(source: str | os.PathLike | None = None, *, max_rows: int = MAX_RO
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise SoljaxError(f"missing text corpus {missing[0]}: run `soljax setup`, or {PASS_DATA}")
-        kept, n = _keep((ln for p in paths for ln in _lines(_read_text(p))), max_rows, "text", src)
+        kept, n = _keep((ln for p in paths for ln in _lines(read_text_file(p))), max_rows, "text", src)
         return EvalRows(kept, n, src, f"the lines of the soljax corpus {src!r} ({', '.join(names)})", False)
     path = Path(src).expanduser()
     if path.is_file():
-        kept, n = _keep(_lines(_read_text(path)), max_rows, "text", str(path))
+        kept, n = _keep(_lines(read_text_file(path)), max_rows, "text", str(path))
         return EvalRows(kept, n, str(path), f"the lines of the text file {path}", False)
     if path.is_dir():
         if any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
