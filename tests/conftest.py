@@ -51,6 +51,19 @@ def require(module: str):
         skip_or_fail(f"{module} is not installed ({e})")
 
 
+def worker_output(proc, timeout_s: float) -> list[dict]:
+    """The JSON lines a worker subprocess printed (killed after ``timeout_s``); fails with its stderr."""
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-4000:]}"
+    return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+
+
 def require_torch():
     """Imports and returns torch, and checks transformers (see :func:`require`)."""
     torch = require("torch")

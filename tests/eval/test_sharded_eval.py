@@ -7,7 +7,6 @@ the device count is fixed when JAX starts); the one-device side runs the same ca
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_lm, write_policy_run
+from conftest import tiny_lm, worker_output, write_policy_run
 from soljax import parallel
 from soljax.config import TrainConfig
 from soljax.control.network import init_policy
@@ -57,13 +56,8 @@ def results(tmp_path_factory, word_tokenizer_json):
             mp.setenv("SOLJAX_CACHE_DIR", str(root / "cache1"))
             one = worker.evaluate(root)  # meanwhile, on this process's single device
     finally:
-        try:
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-4000:]}"
-    return {"one": one, "many": json.loads(out.splitlines()[-1])}
+        many = worker_output(proc, TIMEOUT_S)[-1]
+    return {"one": one, "many": many}
 
 
 def test_the_lm_is_split_over_a_model_axis_and_the_policy_replicated(results):

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import worker_output
 from soljax import parallel
 from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
@@ -157,14 +158,7 @@ def _spawn(out: Path, standins: dict, devices: int, names: list[str]) -> subproc
 
 
 def _finish(proc: subprocess.Popen) -> dict[str, dict]:
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-4000:]}"
-    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    return {r["config"]: r for r in rows}
+    return {r["config"]: r for r in worker_output(proc, TIMEOUT_S)}
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import worker_output
 from soljax import parallel
 from soljax.config import TrainConfig
 from soljax.errors import SoljaxError
@@ -135,16 +136,6 @@ def _spawn(args: list[str], devices: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def _finish(proc: subprocess.Popen) -> list[dict]:
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-4000:]}"
-    return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Runs the workers (all at once) and returns the directory, the single-device reference and
@@ -154,7 +145,7 @@ def runs(tmp_path_factory):
     procs = {"reference": _spawn(["reference", str(out)], 1), "meshes": _spawn(["meshes", str(out)], 8),
              "p0": _spawn(["process", str(out), str(port), "0"], 4),
              "p1": _spawn(["process", str(out), str(port), "1"], 4)}
-    logs = {name: _finish(p) for name, p in procs.items()}
+    logs = {name: worker_output(p, TIMEOUT_S) for name, p in procs.items()}
     tr = Trainer(worker.config(), lm=worker.tiny_lm(), blocks=worker.tiny_blocks())
     assert tr.plan is None
     return {"dir": out, "reference": dict(np.load(out / "reference.npz")),
