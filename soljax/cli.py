@@ -204,24 +204,19 @@ def cmd_bench(args) -> None:
 
         result = bench_kernels(tuple(args.context or (4096, 32768)), tuple(args.batch), impls=args.impl,
                                dtype=args.dtype, repeats=args.repeats, progress=say)
-        print(json.dumps(result) if args.json else format_table(result))
-        return
-    if args.what == "convert":
+    elif args.what == "convert":
         from soljax.tools.bench_convert import bench_convert, format_table
 
         result = bench_convert(args.shape, args.dtype or "bfloat16", progress=say)
-        print(json.dumps(result) if args.json else format_table(result))
-        return
-    if args.what == "tokenize":
+    elif args.what == "tokenize":
         from soljax.tools.bench_tokenize import bench_tokenize, format_table
 
         result = bench_tokenize(args.repeats or 3, progress=say)
-        print(json.dumps(result) if args.json else format_table(result))
-        return
-    from soljax.tools.bench import bench_rollout, format_table
+    else:
+        from soljax.tools.bench import bench_rollout, format_table
 
-    result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
-                           progress=say)
+        result = bench_rollout(tuple(args.context or (256, 1024)), tuple(args.engines), args.repeats or 3,
+                               progress=say)
     print(json.dumps(result) if args.json else format_table(result))
 
 
