@@ -83,10 +83,17 @@ def _summarize(keys: jax.Array, valid: jax.Array, page_size: int):
     """Per-page max/min of ``keys [R, P*page_size, H, Dh]`` over ``valid [R, P*page_size]``."""
     R, W, H, Dh = keys.shape
     P = W // page_size
-    v = valid[:, :, None, None]
-    kmax = jnp.where(v, keys, EMPTY_MAX).reshape(R, P, page_size, H, Dh).max(axis=2)
-    kmin = jnp.where(v, keys, EMPTY_MIN).reshape(R, P, page_size, H, Dh).min(axis=2)
-    return kmax, kmin, valid.reshape(R, P, page_size).any(axis=2)
+    pages = keys.reshape(R, P, page_size, H, Dh)
+    v = valid.reshape(R, P, page_size)
+    # A running max/min over the page's slots, elementwise on contiguous [R, P, H, Dh] slices: XLA
+    # fuses it into one pass over the keys (a reduction over the middle axis ran 8-10x slower on CPU).
+    kmax = jnp.full((R, P, H, Dh), EMPTY_MAX, keys.dtype)
+    kmin = jnp.full((R, P, H, Dh), EMPTY_MIN, keys.dtype)
+    for j in range(page_size):
+        vj = v[:, :, j, None, None]
+        kmax = jnp.maximum(kmax, jnp.where(vj, pages[:, :, j], EMPTY_MAX))
+        kmin = jnp.minimum(kmin, jnp.where(vj, pages[:, :, j], EMPTY_MIN))
+    return kmax, kmin, v.any(axis=2)
 
 
 def page_summaries(k: jax.Array, kv_len: jax.Array, page_size: int):

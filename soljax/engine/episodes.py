@@ -116,13 +116,22 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
 def start(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array, capacity: int,
           key: jax.Array) -> DecodeState:
     """Dense prefill of every prompt but its last token into a cache of ``capacity`` positions.
 
-    ``prompts_bw [B, W]`` right-padded, ``lengths_b [B] >= 1``.
+    ``prompts_bw [B, W]`` right-padded, ``lengths_b [B] >= 1``. The state is committed to its
+    devices: an episode's output state is (whenever any input, such as a restored policy, is), and
+    :func:`run_episode` compiles separately for committed and uncommitted inputs, so an uncommitted
+    first state would compile every episode program twice.
     """
+    state = _prefill_state(cfg, params, prompts_bw, lengths_b, capacity, key)
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill_state(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array, capacity: int,
+                   key: jax.Array) -> DecodeState:
     B = prompts_bw.shape[0]
     rows = jnp.arange(B)
     n = lengths_b - 1

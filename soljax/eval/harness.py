@@ -92,7 +92,10 @@ def make_sol_lm(model, tokenizer, targets, *, batch_size: int = 8, max_length: i
             for s in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not progress, file=sys.stderr,
                           dynamic_ncols=True):
                 idx = order[s:s + self.batch_size]
-                scores = score_continuations(self.model, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
+                # a short last batch repeats its last pair (scored, then dropped): every batch has the
+                # same size, so no program is compiled for the remainder
+                rows = idx + idx[-1:] * (self.batch_size - len(idx))
+                scores = score_continuations(self.model, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
                                              self.targets)
                 for i, sc in zip(idx, scores):
                     self._track(sc.usage, sc.effective)

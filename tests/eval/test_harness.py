@@ -109,7 +109,7 @@ def test_offline_task_data(offline_data):
 
 
 def test_downstream_runs_policy_fixed_and_dense(offline_data, run_dir, tmp_path):
-    res = run_downstream(run_dir, [(0.5, 0.8, 0.5)], limit=3, mmlu_per_subject=1, cloze=3, batch_size=4,
+    res = run_downstream(run_dir, [(0.5, 0.8, 0.5)], limit=3, mmlu_per_subject=1, cloze=3, batch_size=16,
                          out_dir=tmp_path, progress=False, lm=LM, guard=True)
     assert [r["mode"] for r in res["rows"]] == ["dense", "policy", "fixed"]
     for r in res["rows"]:

@@ -202,6 +202,16 @@ def test_controlled_eos_and_stop_strings():
     assert out.text == decode(ref[: ref.index(ref[6])])
 
 
+def test_episodes_compile_once_whatever_the_inputs_placement():
+    """A restored policy's arrays are committed to a device and so is every episode's output state;
+    the first episode's state must be too, or each program compiles twice (once per placement)."""
+    committed = ControlledModel(CFG, PARAMS, SCFG, POLICY.controller, jax.device_put(VARIABLES, jax.devices()[0]), T)
+    before = run_episode._cache_size()
+    # 2 rows (no other test here uses them) and 10 scored tokens: three episodes of the same shapes
+    score_continuations(committed, [PROMPTS[0], PROMPTS[2]], [STREAM[:10], STREAM[5:15]], TARGETS)
+    assert run_episode._cache_size() - before == 1
+
+
 def _dense_loving(variables):
     """Policy variables that prefer the dense action by a wide margin (they overspend any target)."""
     out = jax.tree.map(lambda a: a, variables)

@@ -20,8 +20,13 @@ def _execute(path: Path):
     nbformat = require("nbformat")
     nbclient = require("nbclient")
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    # The kernel runs the embedded model: XLA's default optimization (not the suite's compile-fast
+    # setting, see conftest), and 64 sampled schedules in 02 (512 by default; the same code runs).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("XLA_FLAGS", raising=False)
+        mp.setenv("SOLJAX_NB_SCHEDULES", "64")
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors, errors[0].get("evalue") if errors else None
