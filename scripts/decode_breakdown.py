@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soljax.compress.attention import page_summaries
 from soljax.compress.targets import as_targets
 from soljax.control.given import GivenActions
 from soljax.data.blocks import load_token_ids
@@ -106,12 +105,14 @@ def main(argv=None) -> None:
     for bits in levels.bits[:-1]:
         add(f"fast step @ {bits} bits", step_ms(1.0, 1.0, bits, masked))
 
-    # the per-episode passes over the prefix (only what they compute: inside an episode the cache
-    # is neither copied nor returned)
-    k = state0.cache.k
-    summaries = jax.jit(lambda k, n: page_summaries(k.reshape(-1, *k.shape[2:]), n, scfg.page_size))
-    lengths = jnp.broadcast_to(state0.cache.lengths, (k.shape[0] * k.shape[1],))
-    add("page summaries (per episode / T)", fastest_ms(lambda: summaries(k, lengths), args.calls) / T)
+    # the per-episode passes over the prefix, returning only what they compute (inside an episode
+    # the cache is neither copied nor returned)
+    @jax.jit
+    def summaries(cache):
+        built = shared_prefix_from_cache(scfg, cache)
+        return built.kmax, built.kmin
+
+    add("page summaries (per episode / T)", fastest_ms(lambda: summaries(state0.cache), args.calls) / T)
     replay = jax.jit(lambda p, cache, toks: lm.extend(cfg, p, cache, toks)[0])
     add("dense replay (per episode / T)", fastest_ms(lambda: replay(params, state0.cache, nexts), args.calls) / T)
 
