@@ -5,6 +5,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the suite's pytest-xdist workers (each takes whole test modules; see tests/conftest.py)
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
@@ -34,7 +36,7 @@ demo: install
 test: install-dev
 	$(BIN)/soljax setup
 	$(BIN)/lint-imports
-	SOLJAX_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
+	SOLJAX_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

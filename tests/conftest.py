@@ -39,6 +39,28 @@ import pytest  # noqa: E402
 REQUIRE_ASSETS = os.environ.get("SOLJAX_REQUIRE_ASSETS") == "1"
 
 
+# `make test` runs the suite on two workers, one module at a time each (pytest-xdist, `--dist
+# loadfile --no-loadscope-reorder`). Modules go out in collection order, so the longest ones
+# (minutes each on 2 cores, most of it compiling; measured with `--durations`) are collected first
+# and the short ones fill in behind them: both workers then finish at about the same time.
+LONGEST_FIRST = (
+    "train/test_train.py", "tools/test_notebooks.py", "train/test_paper_configs.py", "serve/test_generate.py",
+    "tools/test_demo.py", "train/test_parallel.py", "eval/test_harness.py", "eval/test_sharded_eval.py",
+    "eval/test_evaluate.py", "engine/test_controlled.py", "engine/test_golden_rollouts.py",
+    "lm/test_fast_step_embedded.py", "control/test_policy.py", "eval/test_protocol.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    here = Path(__file__).parent
+
+    def key(item):
+        return rank.get(Path(item.fspath).relative_to(here).as_posix(), len(rank))
+
+    items.sort(key=key)  # stable: every module keeps its own tests' order, the rest their order
+
+
 def skip_or_fail(message: str):
     """Skips the test, or fails it when ``SOLJAX_REQUIRE_ASSETS=1`` (assets must be present)."""
     if REQUIRE_ASSETS:

@@ -7,11 +7,12 @@
    allocation, dense and static single-axis points (reused when the same checkpoint was already
    evaluated with the same settings);
 4. write the report (summary, Pareto plot, budget adherence plot, per-token action picture);
-5. generate one sample with the policy next to the dense model's.
+5. generate one sample with the policy next to the dense model's (reused like the evaluation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -44,16 +45,14 @@ def _say(msg: str) -> None:
     print(f"soljax demo: {msg}", file=sys.stderr, flush=True)
 
 
-def _reusable(sweep_json: Path, sweep_cfg, checkpoint: int) -> bool:
-    """Whether ``sweep_json`` evaluated ``checkpoint`` with the same settings."""
-    import dataclasses
-
+def _reusable(path: Path, checkpoint: int, request: dict) -> dict | None:
+    """The record at ``path`` if it was made from ``checkpoint`` with the same ``request``, else None."""
     try:
-        old = json.loads(sweep_json.read_text())
+        old = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return (old.get("checkpoint") == checkpoint
-            and old.get("request") == json.loads(json.dumps(dataclasses.asdict(sweep_cfg))))
+        return None
+    same = old.get("checkpoint") == checkpoint and old.get("request") == json.loads(json.dumps(request))
+    return old if same else None
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, overrides: tuple[str, ...] = (), quick: bool = False,
@@ -84,7 +83,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: tuple[str, ...] = 
     sweep_cfg = demo_sweep_config(quick)
     eval_dir = out / "eval"
     step = checkpoint_steps(out)[-1]
-    if _reusable(eval_dir / "sweep.json", sweep_cfg, step):
+    if _reusable(eval_dir / "sweep.json", step, dataclasses.asdict(sweep_cfg)) is not None:
         _say(f"[3/5] evaluation: reusing {eval_dir / 'sweep.json'} (checkpoint {step})")
     else:
         _say(f"[3/5] evaluating the policy against fixed, random, EMC and DAC allocation on "
@@ -94,14 +93,21 @@ def run_demo(out_dir: str | Path = "runs/demo", *, overrides: tuple[str, ...] = 
     _say("[4/5] writing the report")
     paths = write_report(eval_dir)
 
-    _say("[5/5] a sample with the policy choosing each token's compute")
-    from soljax.runs import controlled_model
-    from soljax.serve.generate import policy_generation_report
+    sample_json = out / "sample.json"
+    request = {"prompt": SAMPLE_PROMPT, "tokens": 8 if quick else 48, "targets": list(SAMPLE_TARGETS)}
+    sample = _reusable(sample_json, step, request)
+    if sample is not None:
+        _say(f"[5/5] sample: reusing {sample_json} (checkpoint {step})")
+    else:
+        _say("[5/5] a sample with the policy choosing each token's compute")
+        from soljax.runs import controlled_model
+        from soljax.serve.generate import policy_generation_report
 
-    model = controlled_model(lm[0], lm[1], out)
-    sample = policy_generation_report(model, lm[2], [SAMPLE_PROMPT], 8 if quick else 48, SAMPLE_TARGETS,
-                                      compare_dense=True, eos_ids=lm[0].eos_token_ids)
-    (out / "sample.json").write_text(json.dumps(sample, indent=2))
+        model = controlled_model(lm[0], lm[1], out)
+        sample = policy_generation_report(model, lm[2], [SAMPLE_PROMPT], request["tokens"], SAMPLE_TARGETS,
+                                          compare_dense=True, eos_ids=lm[0].eos_token_ids)
+        sample.update(checkpoint=step, request=request)
+        sample_json.write_text(json.dumps(sample, indent=2))
     paths.update(sample=out / "sample.json", training=out / "training.png", metrics=out / "metrics.jsonl")
     paths["elapsed_s"] = time.perf_counter() - t0
     return {"paths": paths, "sample": sample}

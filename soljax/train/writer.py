@@ -109,7 +109,8 @@ class RunWriter:
             return None
         saved = self.out_dir / "config.yaml"
         if saved.is_file():
-            old = yaml.safe_load(saved.read_text()) or {}
+            # a key the saved config lacks was added to soljax later: that run used its default
+            old = {**TrainConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
             new = self.cfg.to_dict()
             changed = sorted(k for k in set(old) | set(new)
                              if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)

@@ -29,7 +29,9 @@ def test_quick_demo_runs_end_to_end_and_a_rerun_reuses_everything(embedded_model
     assert {p["method"] for p in sweep["points"]} == {"policy", "fixed", "random_best_of_2", "random_mean", "dense"}
     sample = json.loads((out / "sample.json").read_text())["samples"][0]
     assert sample["controlled"]["tokens"] > 0 and "dense" in sample
-    mtime = (out / "eval" / "sweep.json").stat().st_mtime
-    assert "reusing" in _demo(args).stderr
-    assert (out / "eval" / "sweep.json").stat().st_mtime == mtime
+    reused = ("eval/sweep.json", "sample.json")
+    mtimes = [(out / name).stat().st_mtime for name in reused]
+    rerun = _demo(args).stderr
+    assert "evaluation: reusing" in rerun and "sample: reusing" in rerun
+    assert [(out / name).stat().st_mtime for name in reused] == mtimes
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -184,6 +184,26 @@ def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path
         _trainer("max_batches=2", "lr=0.5").run(tmp_path / "r", resume=True, progress=False)
 
 
+def test_a_config_saved_before_a_key_existed_resumes_under_its_default(tmp_path):
+    tr = _trainer()
+    writer = RunWriter(tmp_path / "r", tr.cfg)
+    writer.start_fresh()
+    writer.save(tr.init_state())
+    writer.close()
+    saved = tmp_path / "r" / "config.yaml"
+    saved.write_text("".join(ln for ln in saved.read_text().splitlines(True) if not ln.startswith("data_max_docs:")))
+    for cfg, ok in [(tr.cfg.replace(data_max_docs=5), False), (tr.cfg, True)]:
+        resumed = RunWriter(tmp_path / "r", cfg)
+        try:
+            if ok:
+                assert int(resumed.restore(tr.abstract_state()).batch) == 0
+            else:
+                with pytest.raises(SoljaxError, match=r"differs in \['data_max_docs'\]"):
+                    resumed.restore(tr.abstract_state())
+        finally:
+            resumed.close()
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_resume_keeps_max_batches_under_a_decaying_learning_rate(tmp_path, schedule):
     tr = _trainer(f"lr_schedule={schedule}", "warmup_updates=1")
