@@ -151,7 +151,8 @@ def _gather_attention(qg, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages
     g = jnp.arange(G, dtype=jnp.int32)
     bits = ((heads[..., None] >> g) & 1) == 1  # [Hkv, NP, G]
     mask_p = (bits[:, :, None, :] & valid[..., None]).reshape(Hkv, NP * page_size, G).transpose(1, 0, 2)
-    vp = jnp.where(valid.reshape(Hkv, -1).T[..., None], vp, 0)  # unread slots add nothing
+    # slots outside the selection get weight exp(MASK_VALUE - max) = 0 exactly, as in the masked
+    # path (their keys and values are cache entries, finite), so the values need no masking pass
     out = _attend(_logits(qg, kp, scale), _logits(qg, sk, scale), mask_p, mask_s, vp, sv)
     return out.astype(qg.dtype)
 

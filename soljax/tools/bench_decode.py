@@ -15,8 +15,10 @@ everything the serving loop does per token: the controller's step (observation, 
 policy network), the LM step, and the episode's page summaries and dense replay.
 
 Timing: each compiled call decodes T tokens (one episode, or T dense steps); its wall time / T is
-one sample of ms per token. The first call (compilation, warm-up) is dropped; ``ms_per_token`` is
-the median over the remaining calls (``tokens`` decoded tokens, rounded up to whole calls).
+one sample of ms per token. The methods take turns, call by call (each on its own copy of the
+prefilled state), so a machine that slows down or speeds up during the run does so for every row
+alike. The first call (compilation, warm-up) is dropped; ``ms_per_token`` is the median over the
+remaining calls (``tokens`` decoded tokens, rounded up to whole calls).
 ``speedup`` is dense ms / the method's ms in the same run. ``usage`` is the realized mean usage
 per axis over the timed steps (token keep, MLP-input keep / rho_max, bits / 16), ``net_keep`` their
 mean; ``nll`` the mean negative log-likelihood (nats) of the timed tokens under that controller.
@@ -76,41 +78,51 @@ def _row(context: int, method: str, target, usage: dict, times: list[float], log
             "nll": float(-np.mean(logp)), "calls": len(times)}
 
 
-def decode_dense(model: ControlledModel, state0, inputs: np.ndarray, nexts: np.ndarray, T: int):
-    """Per-call seconds (warm-up dropped) and log-probs of the timed tokens under the dense decoder."""
-    cache = _copy(state0.cache)
-    times, logps = [], []
-    for c in range(len(inputs) // T):
-        win = slice(c * T, (c + 1) * T)
-        (cache, logp), s = _timed(lambda: dense_chunk(model.cfg, model.params, cache, jnp.asarray(inputs[win]),
-                                                      jnp.asarray(nexts[win])))
-        if c:
-            times.append(s)
-            logps.append(np.asarray(logp))
-    return times, np.concatenate(logps)
+class _DenseRun:
+    """The dense decoder over the timed tokens, one call (T tokens) at a time."""
+
+    def __init__(self, model: ControlledModel, state0, inputs: np.ndarray, nexts: np.ndarray, T: int):
+        self.cfg, self.params, self.T = model.cfg, model.params, T
+        self.cache, self.inputs, self.nexts = _copy(state0.cache), inputs, nexts
+        self.times, self.logps = [], []
+
+    def call(self, c: int) -> None:
+        win = slice(c * self.T, (c + 1) * self.T)
+        (self.cache, logp), s = _timed(lambda: dense_chunk(self.cfg, self.params, self.cache,
+                                                           jnp.asarray(self.inputs[win]), jnp.asarray(self.nexts[win])))
+        if c:  # the first call compiles (warm-up)
+            self.times.append(s)
+            self.logps.append(np.asarray(logp))
+
+    def usage(self) -> dict:
+        return {"token": 1.0, "prune": 1.0, "quant": 1.0}
 
 
-def decode_controlled(model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool):
-    """Per-episode seconds (warm-up dropped), log-probs and realized usage of the timed tokens."""
-    T = model.episode_len
-    targets_b3 = as_targets(target, 1)
-    ctrl_params = model.params_for(targets_b3)
-    fast = None if masked else model.fast_for(1)
-    state = _copy(state0)
-    times, logps, usage, eff = [], [], [], []
-    force = jnp.ones((1, T), bool)
-    counted = jnp.full((1,), T, jnp.int32)
-    for e in range(len(nexts) // T):
-        forced = jnp.asarray(nexts[None, e * T:(e + 1) * T])
-        (state, out), s = _timed(lambda: run_episode(
-            model.cfg, model.scfg, model.params, model.controller, ctrl_params, jnp.asarray(targets_b3), state,
-            forced, force, counted, steps=T, fast=fast))
+class _ControlledRun:
+    """A controller's serving episodes over the timed tokens, one call (one episode) at a time."""
+
+    def __init__(self, model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool):
+        self.model, self.nexts, self.T = model, nexts, model.episode_len
+        self.targets_b3 = jnp.asarray(as_targets(target, 1))
+        self.ctrl_params = model.params_for(as_targets(target, 1))
+        self.fast = None if masked else model.fast_for(1)
+        self.state = _copy(state0)
+        self.times, self.logps, self.applied, self.effective = [], [], [], []
+
+    def call(self, e: int) -> None:
+        m, T = self.model, self.T
+        forced = jnp.asarray(self.nexts[None, e * T:(e + 1) * T])
+        (self.state, out), s = _timed(lambda: run_episode(
+            m.cfg, m.scfg, m.params, m.controller, self.ctrl_params, self.targets_b3, self.state, forced,
+            jnp.ones((1, T), bool), jnp.full((1,), T, jnp.int32), steps=T, fast=self.fast))
         if e:
-            times.append(s)
-            logps.append(np.asarray(out.logprobs[0]))
-            usage.append(np.asarray(out.usage[0]))
-            eff.append(np.asarray(out.effective[0]))
-    return times, np.concatenate(logps), realized_budget(np.concatenate(usage), np.concatenate(eff))
+            self.times.append(s)
+            self.logps.append(np.asarray(out.logprobs[0]))
+            self.applied.append(np.asarray(out.usage[0]))
+            self.effective.append(np.asarray(out.effective[0]))
+
+    def usage(self) -> dict:
+        return realized_budget(np.concatenate(self.applied), np.concatenate(self.effective))
 
 
 def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, contexts: Sequence[int] = DEFAULT_CONTEXTS,
@@ -140,23 +152,25 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
         capacity = -(-(context + n) // 64) * 64
         state0 = start(cfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32), capacity,
                        jax.random.PRNGKey(0))
-        if progress:
-            progress(f"context {context}: dense")
-        times, logp = decode_dense(first, state0, inputs, nexts, T)
-        ones = {"token": 1.0, "prune": 1.0, "quant": 1.0}
-        dense = _row(context, "dense", None, ones, times, logp, T)
-        rows.append(dense)
+        runs = {("dense", None): _DenseRun(first, state0, inputs, nexts, T)}
         for name, model in models.items():
             for path in ("fast", "masked") if masked else ("fast",):
-                method = name if path == "fast" else f"{name}-masked"
                 for target in targets:
-                    if progress:
-                        progress(f"context {context}: {method} at {tuple(target)}")
-                    times, logp, budget = decode_controlled(model, state0, nexts, target, path == "masked")
-                    rows.append(_row(context, method, target, budget, times, logp, T))
-        for r in rows:
-            if r["context"] == context:
-                r["speedup"] = dense["ms_per_token"] / r["ms_per_token"]
+                    method = name if path == "fast" else f"{name}-masked"
+                    runs[(method, tuple(target))] = _ControlledRun(model, state0, nexts, target, path == "masked")
+        del state0
+        for c in range(n // T):  # call c of every method, then call c + 1: drift hits every row alike
+            if progress:
+                progress(f"context {context}: call {c + 1} of {n // T} of each of the {len(runs)} methods"
+                         + (" (compiling)" if c == 0 else ""))
+            for run in runs.values():
+                run.call(c)
+        dense = None
+        for (method, target), run in runs.items():
+            rows.append(_row(context, method, target, run.usage(), run.times, np.concatenate(run.logps), T))
+            dense = dense or rows[-1]
+            rows[-1]["speedup"] = dense["ms_per_token"] / rows[-1]["ms_per_token"]
+        del runs
     return {"device": device_name(), "rows": rows}
 
 
