@@ -96,14 +96,15 @@ def pages_from_keep(page_keep: jax.Array, num_kv_heads: int, capacity: int | Non
     keep = page_keep.reshape(B, K, num_kv_heads, G, P).astype(jnp.int32)
     bits = jnp.sum(keep << jnp.arange(G, dtype=jnp.int32)[:, None], axis=-2)  # [B, K, Hkv, P]
     used = bits != 0
-    # kept pages first, then the others, each ascending (a stable sort of ~used), by prefix sums:
-    # a linear pass where a sort costs P log P per KV head at every decode step
+    # kept pages first, then the others, each ascending (what a stable argsort of ~used gives), from
+    # prefix sums and one scatter: linear in P, where a sort costs P log P at every decode step
     n_used = used.sum(-1, dtype=jnp.int32)
-    slot = jnp.where(used, jnp.cumsum(used, -1, dtype=jnp.int32), n_used[..., None] + jnp.cumsum(~used, -1,
-                                                                                          dtype=jnp.int32)) - 1
-    lead = tuple(jnp.indices(slot.shape[:-1], sparse=True))
-    order = jnp.zeros(slot.shape, jnp.int32).at[(*(i[..., None] for i in lead), slot)].set(
-        jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), slot.shape), unique_indices=True)[..., :NP]
+    kept_slot = jnp.cumsum(used, -1, dtype=jnp.int32) - 1
+    other_slot = n_used[..., None] + jnp.cumsum(~used, -1, dtype=jnp.int32) - 1
+    slot = jnp.where(used, kept_slot, other_slot)  # [B, K, Hkv, P], a permutation of 0..P-1 per row
+    b, k, h = (i[..., None] for i in jnp.indices(slot.shape[:-1], sparse=True))
+    pages = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), slot.shape)
+    order = jnp.zeros_like(slot).at[b, k, h, slot].set(pages, unique_indices=True)[..., :NP]
     num = jnp.minimum(n_used, NP).astype(jnp.int32)
     if NP > P:
         order = jnp.pad(order, ((0, 0), (0, 0), (0, 0), (0, NP - P)))

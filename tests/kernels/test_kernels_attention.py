@@ -99,6 +99,20 @@ def test_pages_from_keep_lists_each_groups_union_in_order():
     assert heads[0, 0, 0].tolist() == [0b01, 0b11, 0b10, 0]
 
 
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_page_lists_are_a_stable_sort_of_the_union(density):
+    """Kept pages ascending, then the others ascending, cut or padded to the capacity: what a stable
+    argsort of "not kept" gives (the lists are built without sorting)."""
+    rng = np.random.default_rng(int(density * 10))
+    for (B, K, Hq, P), hkv, cap in [((1, 1, 9, 500), 3, None), ((2, 3, 4, 37), 2, 10), ((1, 2, 2, 5), 1, 8)]:
+        keep = rng.random((B, K, Hq, P)) < density
+        union = keep.reshape(B, K, hkv, Hq // hkv, P).any(3)
+        expect = np.argsort(~union, axis=-1, kind="stable")[..., :cap]
+        pages, num, _ = pages_from_keep(jnp.asarray(keep), hkv, cap)
+        np.testing.assert_array_equal(np.asarray(pages)[..., :P], expect)
+        np.testing.assert_array_equal(np.asarray(num), np.minimum(union.sum(-1), cap or P))
+
+
 class QuestAttentionCases:
     kernel = "gpu"
     interpret = False
