@@ -184,42 +184,43 @@ def test_fresh_run_refuses_an_existing_run_and_resume_checks_the_config(tmp_path
         _trainer("max_batches=2", "lr=0.5").run(tmp_path / "r", resume=True, progress=False)
 
 
-def test_a_config_saved_before_a_key_existed_resumes_under_its_default(tmp_path):
-    tr = _trainer()
-    writer = RunWriter(tmp_path / "r", tr.cfg)
+def _saved_run(run: Path, tr: Trainer) -> Path:
+    """``run`` started fresh with ``tr``'s config and its initial state as the one checkpoint."""
+    writer = RunWriter(run, tr.cfg)
     writer.start_fresh()
     writer.save(tr.init_state())
     writer.close()
-    saved = tmp_path / "r" / "config.yaml"
+    return run
+
+
+def _restore(run: Path, tr: Trainer, cfg: TrainConfig):
+    """The state restored from ``run`` by a writer with ``cfg`` (raises what the restore raises)."""
+    writer = RunWriter(run, cfg)
+    try:
+        return writer.restore(tr.abstract_state())
+    finally:
+        writer.close()
+
+
+def test_a_config_saved_before_a_key_existed_resumes_under_its_default(tmp_path):
+    tr = _trainer()
+    run = _saved_run(tmp_path / "r", tr)
+    saved = run / "config.yaml"
     saved.write_text("".join(ln for ln in saved.read_text().splitlines(True) if not ln.startswith("data_max_docs:")))
-    for cfg, ok in [(tr.cfg.replace(data_max_docs=5), False), (tr.cfg, True)]:
-        resumed = RunWriter(tmp_path / "r", cfg)
-        try:
-            if ok:
-                assert int(resumed.restore(tr.abstract_state()).batch) == 0
-            else:
-                with pytest.raises(SoljaxError, match=r"differs in \['data_max_docs'\]"):
-                    resumed.restore(tr.abstract_state())
-        finally:
-            resumed.close()
+    with pytest.raises(SoljaxError, match=r"differs in \['data_max_docs'\]"):
+        _restore(run, tr, tr.cfg.replace(data_max_docs=5))
+    assert int(_restore(run, tr, tr.cfg).batch) == 0
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_resume_keeps_max_batches_under_a_decaying_learning_rate(tmp_path, schedule):
     tr = _trainer(f"lr_schedule={schedule}", "warmup_updates=1")
-    writer = RunWriter(tmp_path / "r", tr.cfg)
-    writer.start_fresh()
-    writer.save(tr.init_state())
-    writer.close()
-    resumed = RunWriter(tmp_path / "r", tr.cfg.replace(max_batches=12))
-    try:
-        if schedule == "constant":
-            assert int(resumed.restore(tr.abstract_state()).batch) == 0
-        else:
-            with pytest.raises(SoljaxError, match=f"max_batches=12: it was 8, the horizon of its {schedule} "):
-                resumed.restore(tr.abstract_state())
-    finally:
-        resumed.close()
+    run = _saved_run(tmp_path / "r", tr)
+    if schedule == "constant":
+        assert int(_restore(run, tr, tr.cfg.replace(max_batches=12)).batch) == 0
+    else:
+        with pytest.raises(SoljaxError, match=f"max_batches=12: it was 8, the horizon of its {schedule} "):
+            _restore(run, tr, tr.cfg.replace(max_batches=12))
 
 
 def test_read_metrics_leaves_out_a_torn_last_line_only(tmp_path):
