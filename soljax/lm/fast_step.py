@@ -110,38 +110,22 @@ def union_capacities(kappa: float, kv_max: int, prefix_pages: int, page_size: in
     return tuple(caps)
 
 
-def _attend(lp, ls, mask_p, mask_s, vp, vs):
-    """Softmax over prefix logits ``lp [N, Hkv, G]`` and suffix logits ``ls [T, Hkv, G]`` (masked
-    entries excluded) and the weighted sum of ``vp [N, Hkv, Dh]`` / ``vs [T, Hkv, Dh]`` -> ``[Hkv, G, Dh]``.
-    Written as broadcasts and reductions, so XLA fuses the reads of the values into them."""
-    sp = jnp.where(mask_p, lp, lm.MASK_VALUE)
-    ss = jnp.where(mask_s, ls, lm.MASK_VALUE)
-    m = jnp.maximum(sp.max(0), ss.max(0))
-    ep, es = jnp.exp(sp - m), jnp.exp(ss - m)
-    num = ((ep[..., None] * vp[:, :, None, :].astype(jnp.float32)).sum(0)
-           + (es[..., None] * vs[:, :, None, :].astype(jnp.float32)).sum(0))
-    return num / (ep.sum(0) + es.sum(0))[..., None]
+def _attention(q, parts):
+    """One query ``q [Hq, Dh]`` over ``parts`` of ``(keys [N, Hkv, Dh], values, mask)`` with masks
+    broadcastable to ``[N, Hkv, G]`` -> ``[Hkv, G, Dh]`` (:func:`L.block_diagonal_attention`)."""
+    Hq, Dh = q.shape
+    rows = [(k[None], v[None], jnp.broadcast_to(m, (k.shape[0],) + m.shape[1:]).reshape(1, k.shape[0], -1))
+            for k, v, m in parts]
+    Hkv = parts[0][0].shape[1]
+    return L.block_diagonal_attention(q[None], rows, lm.MASK_VALUE).reshape(Hkv, Hq // Hkv, Dh)
 
 
-def _logits(qg, keys, scale):
-    """``qg [Hkv, G, Dh]`` against ``keys [N, Hkv, Dh]`` -> float32 ``[N, Hkv, G]`` (a fused reduction)."""
-    return (qg[None].astype(jnp.float32) * keys[:, :, None, :].astype(jnp.float32)).sum(-1) * scale
-
-
-def _dense_attention(qg, k_all, v_all, layer, sk, sv, mask_p, mask_s, scale):
-    """Attention of ``qg [Hkv, G, Dh]`` over the layer's prefix ``k_all``/``v_all [L, 1, M, Hkv, Dh]``
-    and suffix ``sk``/``sv [T, Hkv, Dh]`` keys where ``mask_p [M, Hkv, G]`` / ``mask_s [T, Hkv, G]``
-    (broadcastable) hold. The layer is indexed inside the reductions: the cache is never copied."""
-    pk, pv = k_all[layer, 0], v_all[layer, 0]
-    return _attend(_logits(qg, pk, scale), _logits(qg, sk, scale), mask_p, mask_s, pv, sv).astype(qg.dtype)
-
-
-def _gather_attention(qg, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages, num, heads, page_size, scale):
+def _gather_attention(q, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages, num, heads, page_size):
     """Attention over only the listed prefix pages (``pages [Hkv, NP]``, the first ``num [Hkv]`` used,
     ``heads [Hkv, NP]`` bitmask of the group's query heads reading each) plus the masked suffix:
     the gather reads ``NP * page_size`` keys per KV head straight from the whole cache."""
-    Hkv, G, _ = qg.shape
-    NP = pages.shape[-1]
+    Hkv, NP = pages.shape
+    G = q.shape[0] // Hkv
     pos = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [Hkv, NP, ps]
     valid = (jnp.arange(NP) < num[:, None])[..., None] & (pos < prefix_len)
     posc = jnp.clip(pos, 0, k_all.shape[2] - 1).reshape(Hkv, NP * page_size).T  # [N, Hkv]
@@ -153,8 +137,7 @@ def _gather_attention(qg, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages
     mask_p = (bits[:, :, None, :] & valid[..., None]).reshape(Hkv, NP * page_size, G).transpose(1, 0, 2)
     # slots outside the selection get weight exp(MASK_VALUE - max) = 0 exactly, as in the masked
     # path (their keys and values are cache entries, finite), so the values need no masking pass
-    out = _attend(_logits(qg, kp, scale), _logits(qg, sk, scale), mask_p, mask_s, vp, sv)
-    return out.astype(qg.dtype)
+    return _attention(q, [(kp, vp, mask_p), (sk, sv, mask_s)])
 
 
 MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -215,7 +198,6 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
     i_keep = _level_index(kappa, levels.keep)
     i_rho = _level_index(rho, levels.rho)
     i_bits = _level_index(bits, levels.bits)
-    scale = 1.0 / math.sqrt(Dh)
     kv_max = M + T
 
     def layer(x, xs):
@@ -225,7 +207,6 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         q = q.reshape(1, 1, Hq, Dh)
         sk = jax.lax.dynamic_update_slice_in_dim(sk, k.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
         sv = jax.lax.dynamic_update_slice_in_dim(sv, v.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
-        qg = q.reshape(Hkv, G, Dh)
         s_mask = valid_s[:, None, None]  # [T, 1, 1]
 
         def selection(kap):
@@ -236,8 +217,8 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
             return (page_keep[0, 0] * page_count).sum(-1) + (keep_s[0, 0] & valid_s).sum(-1)
 
         def dense_branch():
-            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0], valid_p[:, None, None], s_mask,
-                                    scale)
+            attn = _attention(q[0, 0], [(prefix.k[li, 0], prefix.v[li, 0], valid_p[:, None, None]),
+                                        (sk[0, 0], sv[0, 0], s_mask)])
             return attn, jnp.full((Hq,), kv_len, jnp.int32)
 
         def suffix_mask(keep_s):  # [T, Hkv, G]
@@ -246,15 +227,16 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         def masked_branch():  # any kappa: the masked path's keys, every key scored
             page_keep, keep_s = selection(kappa)
             keep_p = jnp.repeat(page_keep[0, 0], ps, axis=-1)[:, :M] & valid_p  # [Hq, M]
-            attn = _dense_attention(qg, prefix.k, prefix.v, li, sk[0, 0], sv[0, 0],
-                                    keep_p.reshape(Hkv, G, M).transpose(2, 0, 1), suffix_mask(keep_s), scale)
+            mask_p = keep_p.reshape(Hkv, G, M).transpose(2, 0, 1)
+            attn = _attention(q[0, 0], [(prefix.k[li, 0], prefix.v[li, 0], mask_p),
+                                        (sk[0, 0], sv[0, 0], suffix_mask(keep_s))])
             return attn, kept_of(page_keep, keep_s)
 
         def gather(page_keep, keep_s, capacity):
             pages, num, heads = pages_from_keep(page_keep, Hkv, capacity)
             if path.attention_impl == "xla":
-                return _gather_attention(qg, prefix.k, prefix.v, li, prefix_len[0], sk[0, 0], sv[0, 0],
-                                         suffix_mask(keep_s), pages[0, 0], num[0, 0], heads[0, 0], ps, scale)
+                return _gather_attention(q[0, 0], prefix.k, prefix.v, li, prefix_len[0], sk[0, 0], sv[0, 0],
+                                         suffix_mask(keep_s), pages[0, 0], num[0, 0], heads[0, 0], ps)
             out = ops.quest_decode_attention(q, prefix.k[li], prefix.v[li], prefix_len, sk, sv, keep_s & valid_s,
                                              pages, num, heads, page_size=ps, impl=path.attention_impl,
                                              interpret=path.interpret)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -92,6 +93,49 @@ def grouped_values(probs_bkgts: jax.Array, v_bshk: jax.Array) -> jax.Array:
     B, Hkv, G, T, _ = probs_bkgts.shape
     out = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts.astype(v_bshk.dtype), v_bshk)
     return out.reshape(B, T, Hkv * G, v_bshk.shape[-1])
+
+
+def block_diagonal_attention(q_bhk: jax.Array, parts, mask_value: float) -> jax.Array:
+    """Attention of one query per row over several sets of keys at once (one softmax over all).
+
+    ``q [B, Hq, Dh]``; ``parts``: ``(k [B, S, Hkv, Dh], v [B, S, Hkv, Dh], mask)`` per key set,
+    ``mask`` (bool) broadcastable to ``[B, S, Hq]`` (query head ``h * G + g`` reads KV head h);
+    masked logits are set to ``mask_value`` -> ``[B, Hq, Dh]``. Keys and values are read in their
+    stored layout, as ``[B, S, Hkv * Dh]`` rows: the logits of every query head come from one
+    matmul with a block-diagonal query matrix (KV head h's queries in block h, zeros elsewhere)
+    and the output from one matmul of the probabilities with the value rows, of which the diagonal
+    blocks are kept. Grouped einsums (:func:`grouped_logits`) would first move each layer's keys
+    and values head-major, on CPU a copy of the whole cache per decoded token; this form reads them
+    once, for Hkv times the (few) multiply-adds. Softmax in float32; the output has q's dtype.
+    """
+    B, Hq, Dh = q_bhk.shape
+    Hkv = parts[0][0].shape[2]
+    G = Hq // Hkv
+    f32 = jnp.float32
+    scale = 1.0 / math.sqrt(Dh)
+    q_blocks = jnp.einsum("bhgd,hj->bhdjg", q_bhk.reshape(B, Hkv, G, Dh),
+                          jnp.eye(Hkv, dtype=q_bhk.dtype)).reshape(B, Hkv * Dh, Hq)
+    rows = [(k.reshape(B, k.shape[1], Hkv * Dh), v.reshape(B, v.shape[1], Hkv * Dh)) for k, v, _ in parts]
+    logits = [jnp.where(mask, jnp.einsum("bsc,bcn->bsn", k, q_blocks, preferred_element_type=f32) * scale,
+                        mask_value) for (k, _), (_, _, mask) in zip(rows, parts)]  # [B, S, Hq] each
+    top = functools.reduce(jnp.maximum, [lg.max(axis=1) for lg in logits])  # [B, Hq]
+    probs = [jnp.exp(lg - top[:, None]) for lg in logits]
+    blocks = sum(jnp.einsum("bsn,bsc->bnc", p.astype(v.dtype), v, preferred_element_type=f32)
+                 for p, (_, v) in zip(probs, rows))
+    out = jnp.einsum("bhghd->bhgd", blocks.reshape(B, Hkv, G, Hkv, Dh))
+    out = out / sum(p.sum(axis=1) for p in probs).reshape(B, Hkv, G, 1)
+    return out.reshape(B, Hq, Dh).astype(q_bhk.dtype)
+
+
+def one_query_attention(q_bhk: jax.Array, k_new_bhk: jax.Array, v_new_bhk: jax.Array, k_bshk: jax.Array,
+                        v_bshk: jax.Array, valid_bs: jax.Array, own_valid_b: jax.Array,
+                        mask_value: float) -> jax.Array:
+    """Decode attention: one new query per row over its cached keys ``k``/``v [B, S, Hkv, Dh]``
+    (where ``valid_bs``) and its own key ``k_new``/``v_new [B, Hkv, Dh]`` (where ``own_valid_b``),
+    by :func:`block_diagonal_attention` (the cache is never moved) -> ``[B, Hq, Dh]``."""
+    parts = [(k_bshk, v_bshk, valid_bs[..., None]),
+             (k_new_bhk[:, None], v_new_bhk[:, None], own_valid_b[:, None, None])]
+    return block_diagonal_attention(q_bhk, parts, mask_value)
 
 
 def causal_self_attention(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, lengths_b: jax.Array,

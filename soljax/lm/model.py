@@ -68,7 +68,9 @@ def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b,
     new_mask = _causal_valid(lengths_b, tokens_bt.shape[1])[:, None, None]  # [B, 1, 1, T, T]
     if cache is not None:
         S = cache.capacity
-        cache_mask = (jnp.arange(S)[None, :] < cache.lengths[:, None])[:, None, None, None, :]
+        cache_valid = jnp.arange(S)[None, :] < cache.lengths[:, None]  # [B, S]
+        cache_mask = cache_valid[:, None, None, None, :]
+        one_new = tokens_bt.shape[1] == 1  # decoding: each row's one query reads its cache in place
         layer_xs = (params["layers"], cache.k, cache.v)
     else:
         layer_xs = (params["layers"], None, None)
@@ -79,6 +81,9 @@ def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b,
         q, k, v = L.project_qkv(lp, h, positions_bt, cfg, inv_freq)
         if ck is None:
             attn = L.causal_self_attention(q, k, v, lengths_b, MASK_VALUE)
+        elif one_new:
+            attn = L.one_query_attention(q[:, 0], k[:, 0], v[:, 0], ck, cv, cache_valid, lengths_b > 0,
+                                          MASK_VALUE)[:, None]
         else:
             scores = jnp.where(new_mask, L.grouped_logits(q, k), MASK_VALUE)
             cached = jnp.where(cache_mask, L.grouped_logits(q, ck), MASK_VALUE)
