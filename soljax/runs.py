@@ -154,8 +154,8 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
     the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
     actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
     the budget-matched fixed schedule over its action grid (``"fixed"``) or the dense model
-    (``"dense"``). ``fast``: decode one prompt at a time on the fast path (static branches per level
-    of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step."""
+    (``"dense"``). ``fast``: decode single prompts and small batches on the fast path (static branches per
+    level of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step."""
     if controller not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
                           f"{', '.join(CONTROLLERS)})")

@@ -43,6 +43,11 @@ from soljax.lm.controlled import SparsityConfig, SuffixCache, shared_prefix_from
 from soljax.lm.fast_step import FastPath
 
 
+# The fast step runs one branch per axis and layer for the whole batch, sparse only when every
+# row's level allows it: beyond a few rows the rows rarely agree and the masked step does as well.
+MAX_FAST_BATCH = 8
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ControlledModel:
     """The frozen LM plus whoever chooses its per-token compute.
@@ -52,7 +57,7 @@ class ControlledModel:
     controllers whose arrays depend on the batch (a budget-matched fixed schedule, raw
     ``[B, 1, T]`` controls); ``episode_len``: T, the horizon between dense replays (the policy's
     training ``rollout_len``); ``fast``: the fast decode path (:mod:`soljax.lm.fast_step`) used
-    when one prompt is decoded at a time (None: always the masked step).
+    for batches of up to :data:`MAX_FAST_BATCH` prompts (None: always the masked step).
     """
 
     cfg: LMConfig
@@ -73,8 +78,9 @@ class ControlledModel:
         return self.ctrl_params(targets_b3) if callable(self.ctrl_params) else self.ctrl_params
 
     def fast_for(self, batch: int) -> FastPath | None:
-        """The fast path for a batch of ``batch`` prompts: ``fast`` at batch 1 under QUEST, else None."""
-        return self.fast if batch == 1 and self.scfg.criterion == "quest" else None
+        """The fast path for a batch of ``batch`` prompts: ``fast`` for small batches under QUEST,
+        else None."""
+        return self.fast if batch <= MAX_FAST_BATCH and self.scfg.criterion == "quest" else None
 
 
 @jax.tree_util.register_dataclass
@@ -154,7 +160,7 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
     [B, T]``: where ``force_bt`` is True the next token is ``forced_bt`` instead of a sample
     (teacher forcing). ``counted_b [B]``: how many of the T steps count (the rest produce nothing
     the caller keeps, run dense and are not effective). The caller keeps ``cache.lengths + T <=
-    capacity``. ``fast``: run each step on the fast path (batch 1, :mod:`soljax.lm.fast_step`).
+    capacity``. ``fast``: run each step on the fast path (:mod:`soljax.lm.fast_step`).
     """
     B, T = state.token.shape[0], steps
     targets = targets_b3.astype(jnp.float32)

@@ -84,8 +84,8 @@ def controlled_decode(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix:
     per block run densely on the same token (for the KL to the dense model); ``copied_prefix``: the
     prefix holds one copy of each block's context per row (``[B * R]`` blocks of one row);
     ``feed_effective``: feed back the action applied (dense on non-effective steps) rather than the
-    one chosen; ``fast``: run the LM step as :func:`~soljax.lm.fast_step.fast_step` (one row, no
-    dense rows, shared prefix), which reads only what each step's levels need.
+    one chosen; ``fast``: run the LM step as :func:`~soljax.lm.fast_step.fast_step` (one schedule
+    per row, no dense rows, shared prefix), which reads only what each step's levels need.
     """
     B, K = tokens_bk.shape
     obs = Observation(h_prev=carry.h_prev, tokens=tokens_bk, tok_emb=lm.embed(params, tokens_bk),
@@ -104,8 +104,8 @@ def controlled_decode(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix:
         tokens = jnp.concatenate([tokens_bk, jnp.broadcast_to(tokens_bk[:, :1], (B, dense_rows))], axis=1)
     R = K + dense_rows
     if fast is not None:
-        if B * R != 1 or copied_prefix:
-            raise ValueError(f"the fast decode step serves one row, got {B} x {R} rows")
+        if R != 1 or copied_prefix:
+            raise ValueError(f"the fast decode step serves one schedule per row, got {B} x {R} rows")
         logits, h, suffix, info = fast_step(cfg, scfg, fast, params, prefix, carry.suffix, tokens, rows)
     elif copied_prefix:
         flat = lambda a: a.reshape(B * R, 1)  # noqa: E731

@@ -1,8 +1,8 @@
-"""The fast decode step for serving one row: each action level is a static-shape branch.
+"""The fast decode step for serving: each action level is a static-shape branch.
 
-:func:`fast_step` computes what :func:`soljax.lm.controlled.controlled_step` computes for a single
-``(block, schedule)`` row (``B = K = 1``) under QUEST, with the same decisions (the same kept pages,
-channels and bits), but it only does the work the chosen level needs. In every layer:
+:func:`fast_step` computes what :func:`soljax.lm.controlled.controlled_step` computes for rows of
+one schedule each (``K = 1``, any batch B) under QUEST, with the same decisions (the same kept
+pages, channels and bits), but it only does the work the chosen levels need. In every layer:
 
 * **attention**: ``lax.switch`` on the token-keep level. The dense level (kappa = 1) attends every
   valid key with no scoring. A sparse level kappa scores the QUEST pages from the prefix's page
@@ -24,8 +24,11 @@ channels and bits), but it only does the work the chosen level needs. In every l
   a static width (fake quantization is a quality control, not a time saving: see
   docs/benchmarks.md).
 
-Results equal the masked step up to float32 summation order. :class:`Levels` holds the static
-level values (from an action grid); the dense value of each axis is always a level.
+With several rows, one branch per axis serves them all (see :func:`fast_step`): the rows'
+selections merge into the largest of their sparse levels, and rows that need different kinds of
+work (dense and sparse) run the general masked branch. Results equal the masked step up to float32
+summation order. :class:`Levels` holds the static level values (from an action grid); the dense
+value of each axis is always a level.
 """
 
 from __future__ import annotations
@@ -97,12 +100,6 @@ class Levels:
         return cls.of(grid.kappa.tolist(), grid.rho.tolist(), grid.bits.tolist())
 
 
-def _level_index(value: jax.Array, levels: tuple) -> jax.Array:
-    """Index of ``value`` (a scalar) among ``levels``; ``len(levels)`` when it is none of them."""
-    hits = jnp.asarray(levels, value.dtype) == value
-    return jnp.where(hits.any(), jnp.argmax(hits), len(levels)).astype(jnp.int32)
-
-
 def union_capacities(kappa: float, kv_max: int, prefix_pages: int, page_size: int, group: int) -> tuple[int, ...]:
     """Static page capacities (ascending, distinct, at most ``prefix_pages``) of a sparse level."""
     n = -(-math.ceil(np.float32(kappa) * np.float32(kv_max)) // page_size)
@@ -110,64 +107,76 @@ def union_capacities(kappa: float, kv_max: int, prefix_pages: int, page_size: in
     return tuple(caps)
 
 
-def _attention(q, parts):
-    """One query ``q [Hq, Dh]`` over ``parts`` of ``(keys [N, Hkv, Dh], values, mask)`` with masks
-    broadcastable to ``[N, Hkv, G]`` -> ``[Hkv, G, Dh]`` (:func:`L.block_diagonal_attention`)."""
-    Hq, Dh = q.shape
-    rows = [(k[None], v[None], jnp.broadcast_to(m, (k.shape[0],) + m.shape[1:]).reshape(1, k.shape[0], -1))
-            for k, v, m in parts]
-    Hkv = parts[0][0].shape[1]
-    return L.block_diagonal_attention(q[None], rows, lm.MASK_VALUE).reshape(Hkv, Hq // Hkv, Dh)
-
-
 def _gather_attention(q, k_all, v_all, layer, prefix_len, sk, sv, mask_s, pages, num, heads, page_size):
-    """Attention over only the listed prefix pages (``pages [Hkv, NP]``, the first ``num [Hkv]`` used,
-    ``heads [Hkv, NP]`` bitmask of the group's query heads reading each) plus the masked suffix:
-    the gather reads ``NP * page_size`` keys per KV head straight from the whole cache."""
-    Hkv, NP = pages.shape
-    G = q.shape[0] // Hkv
-    pos = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [Hkv, NP, ps]
-    valid = (jnp.arange(NP) < num[:, None])[..., None] & (pos < prefix_len)
-    posc = jnp.clip(pos, 0, k_all.shape[2] - 1).reshape(Hkv, NP * page_size).T  # [N, Hkv]
-    h = jnp.arange(Hkv)[None, :]
-    kp = k_all[layer, 0, posc, h]  # [N, Hkv, Dh]
-    vp = v_all[layer, 0, posc, h]
+    """Attention of each row's query ``q [B, Hq, Dh]`` over only its listed prefix pages (``pages
+    [B, Hkv, NP]``, the first ``num [B, Hkv]`` used, ``heads [B, Hkv, NP]`` bitmask of the group's
+    query heads reading each) plus its suffix ``sk``/``sv [B, T, Hkv, Dh]`` where ``mask_s [B, T, Hq]``:
+    the gather reads ``NP * page_size`` keys per row and KV head straight from the whole cache
+    ``[L, B, M, Hkv, Dh]``."""
+    B, Hkv, NP = pages.shape
+    G = q.shape[1] // Hkv
+    N = NP * page_size
+    pos = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [B, Hkv, NP, ps]
+    valid = (jnp.arange(NP) < num[..., None])[..., None] & (pos < prefix_len[:, None, None, None])
+    posc = jnp.clip(pos, 0, k_all.shape[2] - 1).reshape(B, Hkv, N).transpose(0, 2, 1)  # [B, N, Hkv]
+    b, h = jnp.arange(B)[:, None, None], jnp.arange(Hkv)[None, None, :]
+    kp = k_all[layer, b, posc, h]  # [B, N, Hkv, Dh]
+    vp = v_all[layer, b, posc, h]
     g = jnp.arange(G, dtype=jnp.int32)
-    bits = ((heads[..., None] >> g) & 1) == 1  # [Hkv, NP, G]
-    mask_p = (bits[:, :, None, :] & valid[..., None]).reshape(Hkv, NP * page_size, G).transpose(1, 0, 2)
+    bits = ((heads[..., None] >> g) & 1) == 1  # [B, Hkv, NP, G]
+    mask_p = (bits[:, :, :, None, :] & valid[..., None]).reshape(B, Hkv, N, G).transpose(0, 2, 1, 3)
     # slots outside the selection get weight exp(MASK_VALUE - max) = 0 exactly, as in the masked
     # path (their keys and values are cache entries, finite), so the values need no masking pass
-    return _attention(q, [(kp, vp, mask_p), (sk, sv, mask_s)])
+    return L.block_diagonal_attention(q, [(kp, vp, mask_p.reshape(B, N, Hkv * G)), (sk, sv, mask_s)], lm.MASK_VALUE)
 
 
 MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
-def _gather_mlp(weights: dict, layer, x_d: jax.Array, keep_d: jax.Array, capacity: int) -> jax.Array:
-    """SwiGLU of ``x_d [D]`` pruned to ``keep_d``, gathering the ``capacity`` kept rows of the layer's
-    gate/up straight from the stacked ``[L, D, F]`` weights (the caller guarantees at most
-    ``capacity`` kept channels)."""
-    idx = jnp.nonzero(keep_d, size=capacity, fill_value=0)[0]
-    used = jnp.arange(capacity) < keep_d.sum()
-    xs = jnp.where(used, x_d[idx], 0)
-    g = xs @ weights["w_gate"][layer, idx]
-    u = xs @ weights["w_up"][layer, idx]
-    return (jax.nn.silu(g) * u) @ weights["w_down"][layer]
+def _gather_mlp(weights: dict, layer, x_bd: jax.Array, keep_bd: jax.Array, capacity: int) -> jax.Array:
+    """SwiGLU of each row of ``x_bd [B, D]`` pruned to its ``keep_bd``, gathering the row's
+    ``capacity`` kept rows of the layer's gate/up straight from the stacked ``[L, D, F]`` weights
+    (the caller guarantees at most ``capacity`` kept channels per row)."""
+    def row(x_d, keep_d):
+        idx = jnp.nonzero(keep_d, size=capacity, fill_value=0)[0]
+        used = jnp.arange(capacity) < keep_d.sum()
+        xs = jnp.where(used, x_d[idx], 0)
+        g = xs @ weights["w_gate"][layer, idx]
+        u = xs @ weights["w_up"][layer, idx]
+        return (jax.nn.silu(g) * u) @ weights["w_down"][layer]
+
+    return jax.vmap(row)(x_bd, keep_bd)
+
+
+def _shared_branch(values_b: jax.Array, levels: tuple, merge: bool) -> jax.Array:
+    """The one branch index that serves every row: the rows' level when they all share it; with
+    ``merge``, the largest level when every row is at a level below the dense one (the largest),
+    whose branch serves smaller values too; otherwise ``len(levels)``, the general branch."""
+    hits = jnp.asarray(levels, values_b.dtype)[None, :] == values_b[:, None]
+    idx = jnp.where(hits.any(-1), jnp.argmax(hits, -1), len(levels)).astype(jnp.int32)  # [B]
+    shared = jnp.where(jnp.all(idx == idx[0]), idx[0], len(levels))
+    if merge:
+        shared = jnp.where(jnp.all(idx < len(levels) - 1), idx.max(), shared)
+    return shared
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=5)
 def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict, prefix: SharedPrefix,
               suffix: SuffixCache, tokens_bk: jax.Array, controls: Controls | None = None):
-    """:func:`~soljax.lm.controlled.controlled_step` of one row, reading only what its levels need.
+    """:func:`~soljax.lm.controlled.controlled_step` of rows of one schedule each, reading only what
+    their levels need.
 
-    ``tokens_bk [1, 1]``; ``controls`` fields ``[1, 1]`` (None = dense). Needs the QUEST criterion
+    ``tokens_bk [B, 1]``; ``controls`` fields ``[B, 1]`` (None = dense). Needs the QUEST criterion
     (whole pages). ``path``: the levels and formulations (:class:`FastPath`). Returns what
-    ``controlled_step`` returns.
+    ``controlled_step`` returns. The rows of a batch run one branch per axis and layer, chosen so
+    that it serves every row exactly: their shared level; on the token and MLP-input axes the
+    largest of their levels when all are sparse (each row selects at its own value, which fits the
+    larger level's static sizes); otherwise the general (masked) branch.
     """
     levels, mlp = path.levels, path.mlp
     B, K = tokens_bk.shape
-    if (B, K) != (1, 1):
-        raise SoljaxError(f"the fast decode step serves one row, got tokens of shape {(B, K)}")
+    if K != 1:
+        raise SoljaxError(f"the fast decode step serves rows of one schedule each, got tokens of shape {(B, K)}")
     if scfg.criterion != "quest":
         raise SoljaxError(f"the fast decode step gathers QUEST pages: it needs criterion 'quest', got "
                           f"{scfg.criterion!r}")
@@ -179,75 +188,75 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
     Pp = prefix.page_valid.shape[1]
     t = suffix.length
     inv_freq = L.rope_inv_freq(cfg)
-    prefix_len = prefix.lengths  # [1]
-    position = prefix_len[0] + t
+    prefix_len = prefix.lengths  # [B]
+    position = prefix_len + t  # [B]
     kv_len = position + 1
-    valid_p = jnp.arange(M) < prefix_len[0]  # [M]
+    valid_p = jnp.arange(M)[None, :] < prefix_len[:, None]  # [B, M]
     valid_s = jnp.arange(T) <= t  # [T]
-    page_count = jnp.clip(prefix_len[0] - jnp.arange(Pp) * ps, 0, ps)  # valid prefix slots per page
+    page_count = jnp.clip(prefix_len[:, None] - jnp.arange(Pp)[None, :] * ps, 0, ps)  # [B, Pp] valid slots
 
     if controls is None:
-        kappa, rho, bits = jnp.float32(1.0), jnp.float32(1.0), jnp.int32(16)
-        effective = jnp.zeros((1, 1), bool)
+        kappa, rho = jnp.ones((B,), jnp.float32), jnp.ones((B,), jnp.float32)
+        bits = jnp.full((B,), 16, jnp.int32)
+        effective = jnp.zeros((B, 1), bool)
     else:
-        effective = jnp.broadcast_to(kv_len > scfg.min_effective_kv, (1, 1))
-        eff = effective[0, 0]
-        kappa = jnp.where(eff, controls.kappa.reshape(()).astype(jnp.float32), 1.0)
-        rho = jnp.where(eff, controls.rho.reshape(()).astype(jnp.float32), 1.0)
-        bits = jnp.where(eff, controls.bits.reshape(()).astype(jnp.int32), 16)
-    i_keep = _level_index(kappa, levels.keep)
-    i_rho = _level_index(rho, levels.rho)
-    i_bits = _level_index(bits, levels.bits)
+        effective = (kv_len > scfg.min_effective_kv)[:, None]
+        eff = effective[:, 0]
+        kappa = jnp.where(eff, controls.kappa[:, 0].astype(jnp.float32), 1.0)
+        rho = jnp.where(eff, controls.rho[:, 0].astype(jnp.float32), 1.0)
+        bits = jnp.where(eff, controls.bits[:, 0].astype(jnp.int32), 16)
+    i_keep = _shared_branch(kappa, levels.keep, merge=True)
+    i_rho = _shared_branch(rho, levels.rho, merge=True)
+    i_bits = _shared_branch(bits, levels.bits, merge=False)
     kv_max = M + T
+    mask = lm.MASK_VALUE
 
     def layer(x, xs):
-        lp, sk, sv, li = xs  # sk/sv [1, 1, T, Hkv, Dh]; li: the layer index into the prefix cache
+        lp, sk, sv, li = xs  # sk/sv [B, 1, T, Hkv, Dh]; li: the layer index into the prefix cache
         h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = L.project_qkv(lp, h.reshape(1, 1, -1), position.reshape(1, 1), cfg, inv_freq)
-        q = q.reshape(1, 1, Hq, Dh)
-        sk = jax.lax.dynamic_update_slice_in_dim(sk, k.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
-        sv = jax.lax.dynamic_update_slice_in_dim(sv, v.reshape(1, 1, 1, Hkv, Dh), t, axis=2)
-        s_mask = valid_s[:, None, None]  # [T, 1, 1]
+        q, k, v = L.project_qkv(lp, h, position[:, None], cfg, inv_freq)  # q [B, 1, Hq, Dh]
+        sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None], t, axis=2)
+        sv = jax.lax.dynamic_update_slice_in_dim(sv, v[:, :, None], t, axis=2)
+        suffix_kv = (sk[:, 0], sv[:, 0])  # [B, T, Hkv, Dh]
 
-        def selection(kap):
+        def selection(kap_b):
             summaries = (prefix.kmax[li], prefix.kmin[li], prefix.page_valid)
-            return sparse.quest_pages_shared(q, summaries, prefix_len, sk, t + 1, jnp.reshape(kap, (1, 1)), ps)
+            return sparse.quest_pages_shared(q, summaries, prefix_len, sk, t + 1, kap_b[:, None], ps)
 
-        def kept_of(page_keep, keep_s):  # [Hq] keys attended per query head
-            return (page_keep[0, 0] * page_count).sum(-1) + (keep_s[0, 0] & valid_s).sum(-1)
+        def kept_of(page_keep, keep_s):  # [B, Hq] keys attended per query head
+            return (page_keep[:, 0] * page_count[:, None, :]).sum(-1) + (keep_s[:, 0] & valid_s).sum(-1)
+
+        def suffix_mask(keep_s):  # [B, T, Hq]
+            return (keep_s[:, 0] & valid_s).transpose(0, 2, 1)
 
         def dense_branch():
-            attn = _attention(q[0, 0], [(prefix.k[li, 0], prefix.v[li, 0], valid_p[:, None, None]),
-                                        (sk[0, 0], sv[0, 0], s_mask)])
-            return attn, jnp.full((Hq,), kv_len, jnp.int32)
-
-        def suffix_mask(keep_s):  # [T, Hkv, G]
-            return (keep_s[0, 0] & valid_s).reshape(Hkv, G, T).transpose(2, 0, 1)
+            attn = L.block_diagonal_attention(q[:, 0], [(prefix.k[li], prefix.v[li], valid_p[:, :, None]),
+                                                        (*suffix_kv, valid_s[None, :, None])], mask)
+            return attn, jnp.broadcast_to(kv_len[:, None], (B, Hq)).astype(jnp.int32)
 
         def masked_branch():  # any kappa: the masked path's keys, every key scored
             page_keep, keep_s = selection(kappa)
-            keep_p = jnp.repeat(page_keep[0, 0], ps, axis=-1)[:, :M] & valid_p  # [Hq, M]
-            mask_p = keep_p.reshape(Hkv, G, M).transpose(2, 0, 1)
-            attn = _attention(q[0, 0], [(prefix.k[li, 0], prefix.v[li, 0], mask_p),
-                                        (sk[0, 0], sv[0, 0], suffix_mask(keep_s))])
+            keep_p = jnp.repeat(page_keep[:, 0], ps, axis=-1)[..., :M] & valid_p[:, None, :]  # [B, Hq, M]
+            attn = L.block_diagonal_attention(q[:, 0], [(prefix.k[li], prefix.v[li], keep_p.transpose(0, 2, 1)),
+                                                        (*suffix_kv, suffix_mask(keep_s))], mask)
             return attn, kept_of(page_keep, keep_s)
 
         def gather(page_keep, keep_s, capacity):
             pages, num, heads = pages_from_keep(page_keep, Hkv, capacity)
             if path.attention_impl == "xla":
-                return _gather_attention(q[0, 0], prefix.k, prefix.v, li, prefix_len[0], sk[0, 0], sv[0, 0],
-                                         suffix_mask(keep_s), pages[0, 0], num[0, 0], heads[0, 0], ps)
+                return _gather_attention(q[:, 0], prefix.k, prefix.v, li, prefix_len, *suffix_kv, suffix_mask(keep_s),
+                                         pages[:, 0], num[:, 0], heads[:, 0], ps)
             out = ops.quest_decode_attention(q, prefix.k[li], prefix.v[li], prefix_len, sk, sv, keep_s & valid_s,
                                              pages, num, heads, page_size=ps, impl=path.attention_impl,
                                              interpret=path.interpret)
-            return out.reshape(Hkv, G, Dh)
+            return out.reshape(B, Hq, Dh)
 
         def sparse_branch(level: float):
             caps = union_capacities(level, kv_max, Pp, ps, G)
 
-            def run():
-                page_keep, keep_s = selection(jnp.float32(level))
-                union = page_keep[0, 0].reshape(Hkv, G, Pp).any(axis=1).sum(-1).max()
+            def run():  # every row's kappa is a level at most ``level``: its union fits these capacities
+                page_keep, keep_s = selection(kappa)
+                union = page_keep[:, 0].reshape(B, Hkv, G, Pp).any(axis=2).sum(-1).max()
                 tier = jnp.searchsorted(jnp.asarray(caps), union)  # smallest capacity >= union
                 branches = [functools.partial(gather, page_keep, keep_s, c) for c in caps]
                 branches.append(lambda: masked_branch()[0])  # ties beyond every tier
@@ -256,8 +265,8 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
 
         keep_branches = [dense_branch if lv >= 1.0 else sparse_branch(lv) for lv in levels.keep]
         attn, kept = jax.lax.switch(i_keep, keep_branches + [masked_branch])
-        x = x + L.output_proj(lp, attn.reshape(1, 1, Hq, Dh), cfg)
-        h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # [1, 1, D]
+        x = x + L.output_proj(lp, attn[:, None], cfg)
+        h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)  # [B, 1, D]
 
         def mlp_weights():  # the layer's MLP weights, sliced inside the branch that reads them all
             return {n: stacked[n][li] for n in MLP_WEIGHTS}
@@ -265,26 +274,27 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         def mlp_dense():
             return L.mlp(mlp_weights(), h2)
 
-        def mlp_masked(r):
-            return lambda: L.mlp(mlp_weights(), prune_topk(h2, jnp.reshape(r, (1, 1))))
+        def mlp_masked():  # any rho per row
+            return L.mlp(mlp_weights(), prune_topk(h2, rho[:, None]))
 
         def mlp_gathered(level: float):
             capacity = int(np.clip(np.ceil(np.float32(level) * np.float32(D)), 1, D))  # prune_counts
 
-            def run():
-                keep = prune_mask(h2[0], jnp.full((1,), level, jnp.float32))[0]
-                return jax.lax.cond(keep.sum() <= capacity,
-                                    lambda: _gather_mlp(stacked, li, h2[0, 0], keep, capacity)[None, None],
-                                    mlp_masked(jnp.float32(level)))
+            def run():  # every row's rho is a level at most ``level``
+                keep = prune_mask(h2[:, 0], rho)  # [B, D]
+                return jax.lax.cond(jnp.all(keep.sum(-1) <= capacity),
+                                    lambda: _gather_mlp(stacked, li, h2[:, 0], keep, capacity)[:, None],
+                                    mlp_masked)
             return run
 
-        sparse_mlp = mlp_masked if mlp == "masked" else mlp_gathered
-        mlp_branches = [mlp_dense if lv >= 1.0 else sparse_mlp(jnp.float32(lv) if mlp == "masked" else lv)
-                        for lv in levels.rho]
-        out = jax.lax.switch(i_rho, mlp_branches + [mlp_masked(rho)])
+        if mlp == "masked":  # every sparse level runs the same computation
+            out = jax.lax.cond(i_rho == len(levels.rho) - 1, mlp_dense, mlp_masked)
+        else:
+            mlp_branches = [mlp_dense if lv >= 1.0 else mlp_gathered(lv) for lv in levels.rho]
+            out = jax.lax.switch(i_rho, mlp_branches + [mlp_masked])
         quant = [(lambda: out) if b >= 16 else functools.partial(fake_quant, out, b) for b in levels.bits]
-        out = jax.lax.switch(i_bits, quant + [lambda: fake_quant(out, bits)])
-        return x + out, (k.reshape(1, 1, Hkv, Dh), v.reshape(1, 1, Hkv, Dh), kept.astype(jnp.int32))
+        out = jax.lax.switch(i_bits, quant + [lambda: fake_quant(out, bits[:, None])])
+        return x + out, (k[:, 0], v[:, 0], kept.astype(jnp.int32))
 
     # The MLP weights and the prefix cache are indexed by layer inside the branches that read them
     # (scanning over them would copy each layer's whole slice before any branch runs).
@@ -292,13 +302,13 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
     per_layer = {n: w for n, w in params["layers"].items() if n not in MLP_WEIGHTS}
     xs = (per_layer, suffix.k, suffix.v, jnp.arange(cfg.num_layers))
     x = lm.embed(params, tokens_bk)
-    x, (k_new, v_new, kept) = jax.lax.scan(layer, x, xs)  # kept [L, Hq]
+    x, (k_new, v_new, kept) = jax.lax.scan(layer, x, xs)  # k_new [L, B, Hkv, Dh], kept [L, B, Hq]
     h = L.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     suffix = SuffixCache(
-        k=jax.lax.dynamic_update_slice_in_dim(suffix.k, k_new[:, :, :, None], t, axis=3),
-        v=jax.lax.dynamic_update_slice_in_dim(suffix.v, v_new[:, :, :, None], t, axis=3),
+        k=jax.lax.dynamic_update_slice_in_dim(suffix.k, k_new[:, :, None, None], t, axis=3),
+        v=jax.lax.dynamic_update_slice_in_dim(suffix.v, v_new[:, :, None, None], t, axis=3),
         length=t + 1,
     )
-    attended = (kept.mean(dtype=jnp.float32) / kv_len.astype(jnp.float32)).reshape(1, 1)
-    info = StepInfo(effective=effective, attended=attended, kept_keys=kept[None, None])
+    attended = (kept.mean(axis=(0, 2), dtype=jnp.float32) / kv_len.astype(jnp.float32))[:, None]  # [B, 1]
+    info = StepInfo(effective=effective, attended=attended, kept_keys=jnp.moveaxis(kept, 0, 1)[:, None])
     return lm.logits(cfg, params, h), h, suffix, info

@@ -95,7 +95,43 @@ def test_levels_and_capacities():
     assert union_capacities(0.5, 1000, 125, 8, 4)[-1] == 125  # capped at the prefix's pages
     with pytest.raises(SoljaxError, match="mlp"):
         FastPath(lv, mlp="sparse")
-    with pytest.raises(SoljaxError, match="one row"):
-        _, prefix = prefill_shared(CFG, SCFG, PARAMS, jnp.tile(TOKENS[:, :M], (2, 1)), jnp.array([LENGTH, LENGTH]))
-        fast_step(CFG, SCFG, FastPath(lv), PARAMS, prefix, SuffixCache.empty(CFG, 2, 1, T),
-                  jnp.zeros((2, 1), jnp.int32), None)
+    with pytest.raises(SoljaxError, match="one schedule each"):
+        _, prefix = prefill_shared(CFG, SCFG, PARAMS, TOKENS[:, :M], jnp.array([LENGTH]))
+        fast_step(CFG, SCFG, FastPath(lv), PARAMS, prefix, SuffixCache.empty(CFG, 1, 2, T),
+                  jnp.zeros((1, 2), jnp.int32), None)
+
+
+ROW_TOKENS = jax.random.randint(jax.random.PRNGKey(2), (3, M + T), 0, CFG.vocab_size)
+ROW_LENGTHS = jnp.array([LENGTH, 30, M])
+# per step, each row's (kappa, rho, bits): one shared level per axis; different sparse levels
+# (merged into the largest); dense and sparse rows mixed (the general branches); all dense; values
+# off the levels
+ROW_ACTIONS = [[(0.1, 0.4, 3)] * 3,
+               [(0.1, 0.4, 3), (0.3, 0.7, 5), (0.3, 0.4, 3)],
+               [(1.0, 1.0, 16), (0.1, 0.7, 16), (1.0, 0.4, 16)],
+               [(1.0, 1.0, 16)] * 3,
+               [(0.2, 0.55, 4), (0.1, 0.4, 5), (1.0, 1.0, 16)]]
+
+
+@pytest.mark.parametrize("mlp", ["masked", "gather"])
+def test_a_batch_of_rows_with_different_actions_matches_the_masked_step(mlp):
+    path = FastPath(Levels.from_grid(GRID), mlp=mlp)
+    rows = jnp.arange(3)
+
+    def decode(step):
+        _, prefix = prefill_shared(CFG, SCFG, PARAMS, ROW_TOKENS[:, :M], ROW_LENGTHS)
+        suffix = SuffixCache.empty(CFG, 3, 1, T)
+        logits, kept = [], []
+        for t, actions in enumerate(ROW_ACTIONS):
+            kappa, rho, bits = (jnp.asarray(v).reshape(3, 1) for v in zip(*actions))
+            controls = Controls(kappa.astype(jnp.float32), rho.astype(jnp.float32), bits.astype(jnp.int32))
+            lg, _, suffix, info = step(prefix, suffix, ROW_TOKENS[rows, ROW_LENGTHS + t][:, None], controls)
+            logits.append(lg)
+            kept.append(info.kept_keys)
+        return np.asarray(jnp.stack(logits)), np.asarray(jnp.stack(kept))
+
+    want, kept_want = decode(lambda *a: controlled_step(CFG, SCFG, PARAMS, *a))
+    got, kept_got = decode(lambda *a: fast_step(CFG, SCFG, path, PARAMS, *a))
+    np.testing.assert_array_equal(kept_got, kept_want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert (kept_want[1] < ROW_LENGTHS[None, :, None, None, None] + 2).any()  # sparse rows read fewer keys

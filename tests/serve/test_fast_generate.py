@@ -1,4 +1,5 @@
-"""Policy generation and scoring at batch 1 on the fast decode path equal the masked path."""
+"""Policy generation and scoring on the fast decode path, one prompt or a small batch, equal the
+masked path."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ from conftest import tiny_lm
 from soljax.compress.actions import ActionGrid
 from soljax.control import PolicyController
 from soljax.control.network import PolicyConfig, init_policy
-from soljax.engine.episodes import ControlledModel
+from soljax.engine.episodes import MAX_FAST_BATCH, ControlledModel
 from soljax.lm.controlled import SparsityConfig
 from soljax.lm.fast_step import FastPath, Levels
 from soljax.serve.generate import controlled_generate, score_continuations
@@ -27,7 +28,8 @@ PROMPT = [(7 * i + 3) % 97 for i in range(37)]
 
 
 def test_fast_generation_equals_the_masked_generation():
-    assert FAST.fast_for(1) is FAST.fast and FAST.fast_for(2) is None and MASKED.fast_for(1) is None
+    assert FAST.fast_for(1) is FAST.fast and FAST.fast_for(MAX_FAST_BATCH) is FAST.fast
+    assert FAST.fast_for(MAX_FAST_BATCH + 1) is None and MASKED.fast_for(1) is None
     (want,) = controlled_generate(MASKED, [PROMPT], 10, TARGETS)
     (got,) = controlled_generate(FAST, [PROMPT], 10, TARGETS)
     assert (want.usage[want.effective] < 1).any()  # the policy really compresses
@@ -40,6 +42,17 @@ def test_fast_generation_equals_the_masked_generation():
     (got,) = score_continuations(FAST, [PROMPT], [cont], TARGETS)
     np.testing.assert_array_equal(got.actions, want.actions)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+
+
+def test_a_batch_of_prompts_of_different_lengths_on_the_fast_path_equals_the_masked_path():
+    prompts = [PROMPT, PROMPT[5:28], [(3 * i + 1) % 97 for i in range(31)]]
+    want = controlled_generate(MASKED, prompts, 10, TARGETS)
+    got = controlled_generate(FAST, prompts, 10, TARGETS)
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens
+        np.testing.assert_array_equal(g.actions, w.actions)
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-5)
+    assert any((w.usage[w.effective] < 1).any() for w in want)
 
 
 def test_compare_dense_reports_both_timings():
