@@ -35,7 +35,7 @@ import numpy as np
 from soljax.compress.targets import as_targets
 from soljax.control.given import GivenActions
 from soljax.data.blocks import load_token_ids
-from soljax.engine.episodes import ControlledModel, run_episode, start
+from soljax.engine.episodes import ControlledModel, round_up, run_episode, start
 from soljax.lm import model as lm
 from soljax.lm.controlled import Controls, SuffixCache, shared_prefix_from_cache
 from soljax.lm.fast_step import FastPath, fast_step
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     scfg, T, levels = policy.scfg, policy.episode_len, policy.fast.levels
     C = args.context
     ids = np.asarray(load_token_ids("eval", tok)[: C + 2 * T], np.int32)
-    capacity = -(-(C + 2 * T) // 64) * 64
+    capacity = round_up(C + 2 * T, 64)
     state0 = start(cfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32), capacity,
                    jax.random.PRNGKey(0))
     nexts = jnp.asarray(ids[None, C:C + T])

@@ -33,7 +33,7 @@ import numpy as np
 
 from soljax.compress.targets import as_targets
 from soljax.data.blocks import load_token_ids
-from soljax.engine.episodes import run_episode, start
+from soljax.engine.episodes import round_up, run_episode, start
 from soljax.runs import controlled_model, load_lm, run_config
 from soljax.tools.bench_decode import dense_chunk
 
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     model = controlled_model(cfg, params, args.run, controller=args.controller)
     T, C = model.episode_len, args.context
     ids = np.asarray(load_token_ids("eval", tok)[: C + T], np.int32)
-    state0 = start(cfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32), -(-(C + T) // 64) * 64,
+    state0 = start(cfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32), round_up(C + T, 64),
                    jax.random.PRNGKey(0))
     nexts, inputs = jnp.asarray(ids[None, C:C + T]), jnp.asarray(ids[C - 1:C - 1 + T])
     target = as_targets(tuple(float(v) for v in args.target.split(",")), 1)

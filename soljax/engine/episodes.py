@@ -44,7 +44,7 @@ from soljax.lm.fast_step import FastPath
 
 
 # The fast step runs one branch per axis and layer for the whole batch, sparse only when every
-# row's level allows it: beyond a few rows the rows rarely agree and the masked step does as well.
+# row's level allows it: the more rows, the less often they agree and the less it can skip.
 MAX_FAST_BATCH = 8
 
 

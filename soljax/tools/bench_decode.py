@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soljax.compress.targets import as_targets
-from soljax.engine.episodes import ControlledModel, run_episode, start
+from soljax.engine.episodes import ControlledModel, round_up, run_episode, start
 from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
@@ -150,7 +150,7 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
         inputs = np.concatenate([prompt[-1:], nexts[:-1]])
         if progress:
             progress(f"context {context}: prefill")
-        capacity = -(-(context + n) // 64) * 64
+        capacity = round_up(context + n, 64)
         state0 = start(cfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32), capacity,
                        jax.random.PRNGKey(0))
         runs = {("dense", None): _DenseRun(first, state0, inputs, nexts, T)}
