@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     model = controlled_model(cfg, params, args.run, controller=args.controller)
     T, C = model.episode_len, args.context
     ids = np.asarray(load_token_ids("eval", tok)[: C + T], np.int32)
-    state0 = start(cfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32), round_up(C + T, 64),
-                   jax.random.PRNGKey(0))
+    state0 = start(cfg, model.scfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32),
+                   round_up(C + T, 64), jax.random.PRNGKey(0))
     nexts, inputs = jnp.asarray(ids[None, C:C + T]), jnp.asarray(ids[C - 1:C - 1 + T])
     target = as_targets(tuple(float(v) for v in args.target.split(",")), 1)
     ctrl = model.params_for(target)

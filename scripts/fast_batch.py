@@ -52,8 +52,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"the eval text has {len(ids)} tokens: too few for {B} windows of {C} + {T}")
         prompts = np.stack([ids[i * STRIDE:i * STRIDE + C] for i in range(B)])
         nexts = jnp.asarray(np.stack([ids[i * STRIDE + C:i * STRIDE + C + T] for i in range(B)]))
-        state0 = start(cfg, params, jnp.asarray(prompts), jnp.full((B,), C, jnp.int32), round_up(C + T, 64),
-                       jax.random.PRNGKey(0))
+        state0 = start(cfg, model.scfg, params, jnp.asarray(prompts), jnp.full((B,), C, jnp.int32),
+                       round_up(C + T, 64), jax.random.PRNGKey(0))
         targets = as_targets(target, B)
         ctrl_params = model.params_for(targets)
         force, counted = jnp.ones((B, T), bool), jnp.full((B,), T, jnp.int32)

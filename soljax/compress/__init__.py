@@ -20,6 +20,7 @@ from soljax.compress.attention import (
     quest_token_budget,
     recency_keep,
     recency_keep_at,
+    refresh_page_summaries,
     relevancy_keep,
     relevancy_keep_logits,
     select_pages,
@@ -34,7 +35,7 @@ __all__ = [
     "AXES", "ActionGrid", "attended_fraction", "fake_quant", "merge_page_summaries",
     "page_summaries", "prune_counts", "prune_mask", "prune_topk", "quant_step", "quest_fallback",
     "quest_keep", "quest_keep_shared", "quest_keep_split", "quest_page_budget", "quest_scores", "quest_select",
-    "quest_token_budget", "recency_keep", "recency_keep_at", "relevancy_keep",
+    "quest_token_budget", "recency_keep", "recency_keep_at", "refresh_page_summaries", "relevancy_keep",
     "relevancy_keep_logits", "select_pages",
     "token_keep_from_pages", "window_page_summaries", "window_pages",
 ]

@@ -112,6 +112,23 @@ def page_summaries(k: jax.Array, kv_len: jax.Array, page_size: int):
     return _summarize(keys, valid, page_size)
 
 
+def refresh_page_summaries(kmax: jax.Array, kmin: jax.Array, k: jax.Array, first: jax.Array, kv_len: jax.Array,
+                           count: int, page_size: int):
+    """:func:`page_summaries` of ``k [R, S, Hkv, Dh]`` after positions ``[first, first + count)`` of
+    each row were written (``first [R]``; ``kv_len [R]`` now), from ``kmax``/``kmin [R, P, Hkv, Dh]``
+    of the keys before: only the pages holding those positions are summarized again, so appending
+    ``count`` keys costs work in ``count``, not in S. Returns ``(kmax, kmin)``."""
+    R, S = k.shape[:2]
+    P = kmax.shape[1]
+    W = min(P, window_pages(count, _check_page_size(page_size)))  # pages ``count`` positions can touch
+    start = jnp.clip(_rows(first, jnp.int32) // page_size, 0, P - W)  # [R] first page summarized again
+    pos = (start * page_size)[:, None] + jnp.arange(W * page_size)[None, :]  # [R, W * page_size]
+    keys = k[jnp.arange(R)[:, None], jnp.minimum(pos, S - 1)]
+    wmax, wmin, _ = _summarize(keys, pos < _rows(kv_len, jnp.int32)[:, None], page_size)
+    rows, pages = jnp.arange(R)[:, None], start[:, None] + jnp.arange(W)[None, :]
+    return kmax.at[rows, pages].set(wmax), kmin.at[rows, pages].set(wmin)
+
+
 def window_pages(num_suffix: int, page_size: int) -> int:
     """Pages in the window of :func:`window_page_summaries`: ``ceil((T + page_size - 1) / page_size)``."""
     return -(-(num_suffix + page_size - 1) // page_size)

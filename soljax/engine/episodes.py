@@ -6,7 +6,8 @@ runtime's convention, SOL_REFERENCE_SPEC.md section 10). Decoding then runs in *
 steps, T being the policy's training horizon:
 
 * at an episode start the dense KV cache (prompt plus every finished episode) is wrapped as the
-  episode's :class:`~soljax.lm.controlled.SharedPrefix` (with QUEST page summaries), exactly like a
+  episode's :class:`~soljax.lm.controlled.SharedPrefix` (with QUEST page summaries, computed once
+  at the prefill and refreshed after each replay on the pages it wrote), exactly like a
   training block's context, and the controller starts a fresh episode (BOS previous action, zero
   running budget sums, fresh policy cache);
 * each step is the engine's one controlled step (:func:`soljax.engine.step.controlled_decode`), the
@@ -39,7 +40,8 @@ from soljax.engine.step import StepCarry, controlled_decode
 from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
-from soljax.lm.controlled import SparsityConfig, SuffixCache, shared_prefix_from_cache
+from soljax.lm.controlled import (SparsityConfig, SuffixCache, page_summaries_of, refresh_page_summaries_of,
+                                  shared_prefix_from_cache)
 from soljax.lm.fast_step import FastPath
 
 
@@ -91,7 +93,9 @@ class DecodeState:
     ``cache``: the dense KV cache ``[L, B, S, Hkv, Dh]`` (prompt minus its last token, then every
     finished episode replayed densely); ``h_prev [B, D]``: final-norm hidden state of the last
     dense position (zeros when nothing precedes); ``token [B]``: the next input;
-    ``prev_token [B]``: the input before it; ``key``: the sampling key.
+    ``prev_token [B]``: the input before it; ``key``: the sampling key; ``summaries``: the
+    cache's QUEST page summaries ``(kmax, kmin) [L, B, P, Hkv, Dh]`` (None for the other criteria),
+    refreshed after each replay only where it wrote.
     """
 
     cache: lm.KVCache
@@ -99,6 +103,7 @@ class DecodeState:
     token: jax.Array
     prev_token: jax.Array
     key: jax.Array
+    summaries: tuple[jax.Array, jax.Array] | None
 
 
 class EpisodeOut(NamedTuple):
@@ -122,22 +127,23 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def start(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array, capacity: int,
-          key: jax.Array) -> DecodeState:
-    """Dense prefill of every prompt but its last token into a cache of ``capacity`` positions.
+def start(cfg: LMConfig, scfg: SparsityConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array,
+          capacity: int, key: jax.Array) -> DecodeState:
+    """Dense prefill of every prompt but its last token into a cache of ``capacity`` positions
+    (with its page summaries under QUEST).
 
     ``prompts_bw [B, W]`` right-padded, ``lengths_b [B] >= 1``. The state is committed to its
     devices: an episode's output state is (whenever any input, such as a restored policy, is), and
     :func:`run_episode` compiles separately for committed and uncommitted inputs, so an uncommitted
     first state would compile every episode program twice.
     """
-    state = _prefill_state(cfg, params, prompts_bw, lengths_b, capacity, key)
+    state = _prefill_state(cfg, scfg, params, prompts_bw, lengths_b, capacity, key)
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _prefill_state(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array, capacity: int,
-                   key: jax.Array) -> DecodeState:
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _prefill_state(cfg: LMConfig, scfg: SparsityConfig, params: dict, prompts_bw: jax.Array, lengths_b: jax.Array,
+                   capacity: int, key: jax.Array) -> DecodeState:
     B = prompts_bw.shape[0]
     rows = jnp.arange(B)
     n = lengths_b - 1
@@ -145,7 +151,7 @@ def _prefill_state(cfg: LMConfig, params: dict, prompts_bw: jax.Array, lengths_b
     h_prev = jnp.where((n > 0)[:, None], h[rows, jnp.maximum(n - 1, 0)], 0.0).astype(h.dtype)
     prev = jnp.where(n > 0, prompts_bw[rows, jnp.maximum(n - 1, 0)], 0)
     return DecodeState(cache=cache, h_prev=h_prev, token=prompts_bw[rows, n].astype(jnp.int32),
-                       prev_token=prev.astype(jnp.int32), key=key)
+                       prev_token=prev.astype(jnp.int32), key=key, summaries=page_summaries_of(scfg, cache))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p", "fast"),
@@ -164,7 +170,7 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
     """
     B, T = state.token.shape[0], steps
     targets = targets_b3.astype(jnp.float32)
-    prefix = shared_prefix_from_cache(scfg, state.cache)
+    prefix = shared_prefix_from_cache(scfg, state.cache, state.summaries)
     key, k_run = jax.random.split(state.key)
     rows = jnp.arange(B)
     start_carry = StepCarry.start(cfg, params, controller, ctrl_params, SuffixCache.empty(cfg, B, 1, T), state.h_prev,
@@ -191,4 +197,6 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
                                                    jnp.arange(T))
     out = EpisodeOut(*(jnp.moveaxis(a, 0, 1) for a in outs))
     h_replay, cache = lm.extend(cfg, params, state.cache, out.inputs)  # dense replay of the episode
-    return DecodeState(cache=cache, h_prev=h_replay[:, -1], token=token, prev_token=prev_token, key=key), out
+    summaries = refresh_page_summaries_of(scfg, state.summaries, cache, prefix.lengths, T)
+    return DecodeState(cache=cache, h_prev=h_replay[:, -1], token=token, prev_token=prev_token, key=key,
+                       summaries=summaries), out

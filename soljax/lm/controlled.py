@@ -137,17 +137,41 @@ class StepInfo(NamedTuple):
     kept_keys: jax.Array  # [B, K, L, Hq] int32: keys each query head of each layer attended to
 
 
-def shared_prefix_from_cache(scfg: SparsityConfig, cache: lm.KVCache) -> SharedPrefix:
-    """Wraps a dense prefill cache as a shared prefix, adding QUEST page summaries if needed."""
+def page_summaries_of(scfg: SparsityConfig, cache: lm.KVCache):
+    """QUEST page summaries ``(kmax, kmin) [L, B, P, Hkv, Dh]`` of a dense cache's valid keys (None
+    for the other criteria, which need none)."""
     if scfg.criterion != "quest":
-        return SharedPrefix(k=cache.k, v=cache.v, lengths=cache.lengths)
+        return None
     Lyr, B, M, Hkv, Dh = cache.k.shape
     lengths = jnp.broadcast_to(cache.lengths[None], (Lyr, B)).reshape(Lyr * B)
-    kmax, kmin, valid = sparse.page_summaries(cache.k.reshape(Lyr * B, M, Hkv, Dh), lengths, scfg.page_size)
-    P = valid.shape[1]
-    return SharedPrefix(k=cache.k, v=cache.v, lengths=cache.lengths,
-                        kmax=kmax.reshape(Lyr, B, P, Hkv, Dh), kmin=kmin.reshape(Lyr, B, P, Hkv, Dh),
-                        page_valid=valid.reshape(Lyr, B, P)[0])
+    kmax, kmin, _ = sparse.page_summaries(cache.k.reshape(Lyr * B, M, Hkv, Dh), lengths, scfg.page_size)
+    return kmax.reshape(Lyr, B, *kmax.shape[1:]), kmin.reshape(Lyr, B, *kmin.shape[1:])
+
+
+def refresh_page_summaries_of(scfg: SparsityConfig, summaries, cache: lm.KVCache, first_b: jax.Array, count: int):
+    """:func:`page_summaries_of` ``cache`` after its rows took keys at positions ``[first_b, first_b +
+    count)``, from ``summaries`` of the keys before (see
+    :func:`soljax.compress.attention.refresh_page_summaries`: the work is in ``count``, not in the
+    capacity)."""
+    if summaries is None:
+        return None
+    Lyr, B, M, Hkv, Dh = cache.k.shape
+    rows = lambda a: jnp.broadcast_to(a[None], (Lyr, B)).reshape(Lyr * B)  # noqa: E731
+    flat = lambda a: a.reshape(Lyr * B, *a.shape[2:])  # noqa: E731
+    kmax, kmin = sparse.refresh_page_summaries(*map(flat, summaries), flat(cache.k), rows(first_b),
+                                               rows(cache.lengths), count, scfg.page_size)
+    return kmax.reshape(summaries[0].shape), kmin.reshape(summaries[1].shape)
+
+
+def shared_prefix_from_cache(scfg: SparsityConfig, cache: lm.KVCache, summaries=None) -> SharedPrefix:
+    """Wraps a dense cache as a shared prefix with, for QUEST, its page summaries (``summaries``
+    when given: :func:`page_summaries_of` the cache, kept up to date by the caller)."""
+    if scfg.criterion != "quest":
+        return SharedPrefix(k=cache.k, v=cache.v, lengths=cache.lengths)
+    kmax, kmin = page_summaries_of(scfg, cache) if summaries is None else summaries
+    P = kmax.shape[2]
+    page_valid = jnp.arange(P)[None, :] * scfg.page_size < cache.lengths[:, None]  # a page with a valid key
+    return SharedPrefix(k=cache.k, v=cache.v, lengths=cache.lengths, kmax=kmax, kmin=kmin, page_valid=page_valid)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

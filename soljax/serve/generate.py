@@ -189,7 +189,8 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
     if forced_bn is not None:
         forced[:, : forced_bn.shape[1]] = forced_bn
         force[:] = True
-    state = start(cfg, model.params, jnp.asarray(tokens), jnp.asarray(lengths), capacity, jax.random.PRNGKey(seed))
+    state = start(cfg, model.scfg, model.params, jnp.asarray(tokens), jnp.asarray(lengths), capacity,
+                  jax.random.PRNGKey(seed))
     counted = np.full(B, n_steps) if counted_b is None else np.asarray(counted_b)
     chunks: list[EpisodeOut] = []
     for e in range(n_ep):

@@ -151,8 +151,8 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
         if progress:
             progress(f"context {context}: prefill")
         capacity = round_up(context + n, 64)
-        state0 = start(cfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32), capacity,
-                       jax.random.PRNGKey(0))
+        state0 = start(cfg, first.scfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32),
+                       capacity, jax.random.PRNGKey(0))
         runs = {("dense", None): _DenseRun(first, state0, inputs, nexts, T)}
         for name, model in models.items():
             for path in ("fast", "masked") if masked else ("fast",):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from soljax.compress import (
-    attended_fraction, fake_quant, merge_page_summaries, page_summaries, prune_topk, quant_step,
+    attended_fraction, fake_quant, merge_page_summaries, page_summaries, prune_topk, quant_step, refresh_page_summaries,
     quest_keep, quest_keep_split, quest_page_budget, quest_scores, quest_token_budget,
     recency_keep, relevancy_keep, window_page_summaries,
 )
@@ -175,6 +175,22 @@ def test_merged_summaries_equal_concatenated(seed, lens, page, with_prefix):
     merged = merge_page_summaries(prefix, (wmax, wmin, wvalid), first, num_pages=n_pages)
     expect = page_summaries(full, plen + slen, page)
     for a, b in zip(merged, expect):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@SETTINGS
+@given(seed=seeds, lens=split_lens, page=page_sizes)
+def test_refreshed_summaries_equal_a_full_summary(seed, lens, page):
+    # rows of ``full`` take their suffix keys at positions [plen, plen + slen): refreshing the prefix's
+    # summaries where they were written gives the summaries of the whole cache, up to its last page
+    plen = np.asarray([a for a, _ in lens], np.int32)
+    slen = np.asarray([b for _, b in lens], np.int32)
+    _, _, _, full = split_case(seed, plen, slen)
+    before = np.where((np.arange(SP + T) < plen[:, None])[:, :, None, None], full, 0.0)
+    kmax, kmin, _ = page_summaries(before, plen, page)
+    got = refresh_page_summaries(kmax, kmin, full, plen, plen + slen, T, page)
+    expect = page_summaries(full, plen + slen, page)
+    for a, b in zip(got, expect[:2]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

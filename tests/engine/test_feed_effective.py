@@ -73,7 +73,7 @@ def test_rollout_feeds_the_applied_action_unless_training_asks_for_the_sampled_o
 def test_served_episodes_feed_the_applied_action():
     prompt_len = 18  # the prefix holds 17 tokens: kv_len at step t is 18 + t, effective from t = 2
     prompts = jnp.asarray(BLOCKS[:, :prompt_len], jnp.int32)
-    state = episodes.start(LM_CFG, LM_PARAMS, prompts, jnp.full((2,), prompt_len, jnp.int32), 64,
+    state = episodes.start(LM_CFG, SCFG, LM_PARAMS, prompts, jnp.full((2,), prompt_len, jnp.int32), 64,
                            jax.random.PRNGKey(0))
     no_force = jnp.zeros((2, T), bool)
     _, out = episodes.run_episode(LM_CFG, SCFG, LM_PARAMS, Echo(GRID), (), jnp.ones((2, 3)), state,

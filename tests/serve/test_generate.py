@@ -84,7 +84,7 @@ from soljax.compress.targets import parse_target as parse_targets  # noqa: E402
 from soljax.serve.generate import (controlled_generate, dense_logprobs, realized_budget,  # noqa: E402
                                    score_continuations)
 from soljax.lm.checkpoint import save_model  # noqa: E402
-from soljax.lm.controlled import Controls, SparsityConfig  # noqa: E402
+from soljax.lm.controlled import Controls, SparsityConfig, page_summaries_of  # noqa: E402
 from soljax.control.network import PolicyConfig, init_policy  # noqa: E402
 from soljax.engine.rollout import rollout  # noqa: E402
 from soljax.lm.tokenizer import Tokenizer  # noqa: E402
@@ -149,7 +149,7 @@ def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
     for i, p in enumerate(PROMPTS5):
         tokens[i, : len(p)] = p
     lengths = np.array([len(p) for p in PROMPTS5])
-    state = start(CFG, PARAMS, jnp.asarray(tokens), jnp.asarray(lengths), cap, jax.random.PRNGKey(0))
+    state = start(CFG, SCFG, PARAMS, jnp.asarray(tokens), jnp.asarray(lengths), cap, jax.random.PRNGKey(0))
     no = jnp.zeros((B, T), jnp.int32)
     seqs = [p[:-1] for p in PROMPTS5]  # what the dense cache should hold
     for _ in range(2):  # two episodes of aggressive compression, each followed by its dense replay
@@ -171,6 +171,9 @@ def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
             np.testing.assert_allclose(np.asarray(a)[:, i, : n[i]], np.asarray(b)[:, i, : n[i]], atol=1e-5)
         np.testing.assert_allclose(np.asarray(state.h_prev[i]), np.asarray(h_ref[i, n[i] - 1]), atol=1e-5)
     assert np.asarray(state.token).tolist() == nxt[:, -1].tolist()
+    # the page summaries carried from episode to episode are those of the refreshed cache
+    for a, b in zip(state.summaries, page_summaries_of(SCFG, state.cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_teacher_forced_episodes_equal_training_rollouts_on_a_dense_prefix():
