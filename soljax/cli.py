@@ -15,6 +15,9 @@ from soljax.errors import SoljaxError
 from soljax.tools import paper_eval
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
 
+NO_REPLAY_HELP = ("skip the dense replay of each finished episode (the reference's KV refresh): the cache keeps "
+                  "the K/V entries computed under the chosen compute, which saves a dense pass over the cache "
+                  "every episode at the price of that pollution (with --policy)")
 GUARD_HELP = ("budget guard: the targets become hard caps on the realized usage of every axis. Generating "
               "(generate, generate_until requests), the mean usage of the tokens so far is at or below every "
               "target after every token, so output cut at EOS or a stop string is within them; scoring "
@@ -90,7 +93,8 @@ def cmd_generate(args) -> None:
         return _generate_controlled(args)
     for given, flag in ((args.targets, "--targets"), (args.compare_dense, "--compare-dense"),
                         (args.controller, "--controller"), (args.step is not None, "--step"),
-                        (args.sample_actions, "--sample-actions"), (args.guard, "--guard"), (args.json, "--json")):
+                        (args.sample_actions, "--sample-actions"), (args.guard, "--guard"), (args.json, "--json"),
+                        (args.no_replay, "--no-replay")):
         if given:
             raise SoljaxError(f"{flag} needs --policy RUN_DIR (a training run)")
     from soljax.serve.generate import generate
@@ -122,7 +126,7 @@ def _generate_controlled(args) -> None:
     targets = parse_target(args.targets)
     model, tok = load_controlled(args.policy, model_dir=args.model, dtype=args.dtype, step=args.step,
                                  controller=args.controller or "policy", greedy=not args.sample_actions,
-                                 guard=args.guard)
+                                 guard=args.guard, replay=not args.no_replay)
     prompts = args.prompt or [DEMO_PROMPT]
     start = time.perf_counter()
     report = policy_generation_report(model, tok, prompts, args.max_new_tokens, targets,
@@ -338,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compare-dense", action="store_true", help="also show the dense continuation and the mean "
                    "dense log-probability of both, and both decoders' time per token (each generates twice: the "
                    "first run compiles)")
+    s.add_argument("--no-replay", action="store_true", help=NO_REPLAY_HELP)
     s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
     s.set_defaults(fn=cmd_generate)
 
@@ -392,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--targets", metavar="T,P,Q;...", help="decode: target triples for fixed and policy")
     s.add_argument("--data", default="eval", help="decode: the text (default: the eval split)")
     s.add_argument("--masked", action="store_true", help="decode: also time the masked step (methods *-masked)")
+    s.add_argument("--no-replay", action="store_true", help="decode: also time episodes without the dense replay "
+                   "(methods *-noreplay)")
     s.add_argument("--plot", help="decode: write NLL against ms per token to this PNG")
     s.set_defaults(fn=cmd_bench)
 

@@ -199,7 +199,7 @@ def plot_decode_time(rows: list[dict], out_path: Path) -> Path | None:
             pts = sorted((r for r in here if r["method"] == method), key=lambda r: r["ms_per_token"])
             colour, marker = _STYLE.get(method.split("-")[0], ("tab:gray", "o"))
             ax.plot([r["ms_per_token"] for r in pts], [r["nll"] for r in pts], color=colour, marker=marker,
-                    linestyle="--" if method.endswith("-masked") else "-", label=method)
+                    linestyle={"masked": "--", "noreplay": ":"}.get(method.partition("-")[2], "-"), label=method)
             for r in pts:
                 ax.annotate(f"{r['net_keep']:.2f}", (r["ms_per_token"], r["nll"]), textcoords="offset points",
                             xytext=(3, 3), fontsize=7)

@@ -149,13 +149,16 @@ def load_lm_sharded(cfg: TrainConfig, *, model_dir: str | Path | None = None, dt
 
 
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
-                     greedy: bool = True, guard: bool = False, fast: bool = True) -> ControlledModel:
+                     greedy: bool = True, guard: bool = False, fast: bool = True,
+                     replay: bool = True) -> ControlledModel:
     """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
     the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
     actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
     the budget-matched fixed schedule over its action grid (``"fixed"``) or the dense model
     (``"dense"``). ``fast``: decode single prompts and small batches on the fast path (static branches per
-    level of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step."""
+    level of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step.
+    ``replay``: replay each finished episode densely (the reference's KV refresh; False keeps the
+    episode's compressed K/V entries, see :func:`soljax.engine.episodes.run_episode`)."""
     if controller not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
                           f"{', '.join(CONTROLLERS)})")
@@ -172,10 +175,11 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
             B = len(targets)
             return Controls(jnp.ones((B, 1, T)), jnp.ones((B, 1, T)), jnp.full((B, 1, T), 16, jnp.int32))
 
-        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T, fast=path)
+        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T, fast=path, replay=replay)
     if controller == "fixed":
         return ControlledModel(cfg, params, scfg, GivenActions(grid=grid),
-                               lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T, fast=path)
+                               lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T, fast=path,
+                               replay=replay)
     _, variables = load_policy(run_dir, step)
     pcfg = policy_config(tcfg)
     want = 2 * cfg.hidden_size + pcfg.scalar_hidden + pcfg.action_dim
@@ -184,15 +188,16 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError(f"the policy in {run_dir} was trained on an LM of another width (input size "
                           f"{got}, this LM needs {want}): use the run's model")
     policy = PolicyController(grid=grid, policy=pcfg, greedy=greedy, guard=guard)
-    return ControlledModel(cfg, params, scfg, policy, parallel.replicate_on(variables, params), T, fast=path)
+    return ControlledModel(cfg, params, scfg, policy, parallel.replicate_on(variables, params), T, fast=path,
+                           replay=replay)
 
 
 def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
                     step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False,
-                    fast: bool = True):
+                    fast: bool = True, replay: bool = True):
     """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
     own model, on every local device: see :func:`load_lm_sharded`) and its policy, fixed baseline or
     dense model (see :func:`controlled_model`)."""
     cfg, params, tok = load_lm_sharded(run_config(run_dir), model_dir=model_dir, dtype=dtype)
     return controlled_model(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
-                            guard=guard, fast=fast), tok
+                            guard=guard, fast=fast, replay=replay), tok

@@ -17,7 +17,9 @@ steps, T being the policy's training horizon:
   scoring);
 * at the episode end the episode's inputs are **replayed densely** into the dense cache
   (:func:`soljax.lm.model.extend`), replacing the compressed ("polluted") K/V entries, and the next
-  episode's ``h_prev`` is the last hidden state of that replay.
+  episode's ``h_prev`` is the last hidden state of that replay. Serving may skip the replay
+  (``replay=False``): the cache then keeps the entries the steps computed under their controls,
+  which saves the replay's dense pass over the whole cache at the price of that pollution.
 
 :func:`run_episode` is one compiled program per (batch, cache capacity, controller): the T steps
 are a ``lax.scan`` whose carry holds the suffix cache, and the dense cache is donated, so it is
@@ -59,7 +61,9 @@ class ControlledModel:
     controllers whose arrays depend on the batch (a budget-matched fixed schedule, raw
     ``[B, 1, T]`` controls); ``episode_len``: T, the horizon between dense replays (the policy's
     training ``rollout_len``); ``fast``: the fast decode path (:mod:`soljax.lm.fast_step`) used
-    for batches of up to :data:`MAX_FAST_BATCH` prompts (None: always the masked step).
+    for batches of up to :data:`MAX_FAST_BATCH` prompts (None: always the masked step);
+    ``replay``: replay each finished episode densely (the reference's KV refresh), or keep its
+    compressed entries (see :func:`run_episode`).
     """
 
     cfg: LMConfig
@@ -69,11 +73,14 @@ class ControlledModel:
     ctrl_params: Any
     episode_len: int
     fast: FastPath | None = None
+    replay: bool = True
 
     def __post_init__(self):
         T = self.episode_len
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
             raise SoljaxError(f"episode_len must be a positive integer, got {T!r}")
+        if not isinstance(self.replay, bool):
+            raise SoljaxError(f"replay must be true or false, got {self.replay!r}")
 
     def params_for(self, targets_b3: np.ndarray):
         """The controller's arrays for a batch with these targets."""
@@ -154,19 +161,22 @@ def _prefill_state(cfg: LMConfig, scfg: SparsityConfig, params: dict, prompts_bw
                        prev_token=prev.astype(jnp.int32), key=key, summaries=page_summaries_of(scfg, cache))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p", "fast"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "controller", "steps", "temperature", "top_p", "fast",
+                                             "replay"), donate_argnames=("state",))
 def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: Controller, ctrl_params, targets_b3: jax.Array,
                 state: DecodeState, forced_bt: jax.Array, force_bt: jax.Array, counted_b: jax.Array, *, steps: int,
-                temperature: float = 0.0, top_p: float = 1.0,
-                fast: FastPath | None = None) -> tuple[DecodeState, EpisodeOut]:
+                temperature: float = 0.0, top_p: float = 1.0, fast: FastPath | None = None,
+                replay: bool = True) -> tuple[DecodeState, EpisodeOut]:
     """One episode of ``steps`` (T) controlled decode steps, then the dense replay of its inputs.
 
     ``targets_b3``: budget targets (token, prune, quant ratio) per row; ``forced_bt``/``force_bt
     [B, T]``: where ``force_bt`` is True the next token is ``forced_bt`` instead of a sample
     (teacher forcing). ``counted_b [B]``: how many of the T steps count (the rest produce nothing
     the caller keeps, run dense and are not effective). The caller keeps ``cache.lengths + T <=
-    capacity``. ``fast``: run each step on the fast path (:mod:`soljax.lm.fast_step`).
+    capacity``. ``fast``: run each step on the fast path (:mod:`soljax.lm.fast_step`). ``replay``:
+    False skips the dense replay: the cache keeps the K/V entries the steps computed under their
+    controls (the KV pollution the paper measures as small on average, SOL_REFERENCE_SPEC.md 13.8)
+    and the next episode starts from the last step's hidden state.
     """
     B, T = state.token.shape[0], steps
     targets = targets_b3.astype(jnp.float32)
@@ -193,10 +203,15 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
                   out.actions[:, 0], out.info.attended[:, 0])
         return (carry, nxt.astype(jnp.int32), token, k_next), record
 
-    (_, token, prev_token, _), outs = jax.lax.scan(step, (start_carry, state.token, state.prev_token, k_run),
-                                                   jnp.arange(T))
+    (carry, token, prev_token, _), outs = jax.lax.scan(step, (start_carry, state.token, state.prev_token, k_run),
+                                                       jnp.arange(T))
     out = EpisodeOut(*(jnp.moveaxis(a, 0, 1) for a in outs))
-    h_replay, cache = lm.extend(cfg, params, state.cache, out.inputs)  # dense replay of the episode
+    if replay:
+        h_last, cache = lm.extend(cfg, params, state.cache, out.inputs)  # dense replay of the episode
+        h_last = h_last[:, -1]
+    else:  # keep the episode's own entries [L, B, 1, T, ...]
+        cache = lm.append(state.cache, carry.suffix.k[:, :, 0], carry.suffix.v[:, :, 0])
+        h_last = carry.h_prev[:, 0]
     summaries = refresh_page_summaries_of(scfg, state.summaries, cache, prefix.lengths, T)
-    return DecodeState(cache=cache, h_prev=h_replay[:, -1], token=token, prev_token=prev_token, key=key,
+    return DecodeState(cache=cache, h_prev=h_last, token=token, prev_token=prev_token, key=key,
                        summaries=summaries), out

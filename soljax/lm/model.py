@@ -139,6 +139,14 @@ def _write(cache: KVCache, k_new, v_new, positions_bt, valid_bt) -> KVCache:
     return KVCache(k=k, v=v, lengths=cache.lengths + valid_bt.sum(axis=1, dtype=jnp.int32))
 
 
+def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
+    """Writes T given entries per row, ``k_new``/``v_new [L, B, T, Hkv, Dh]``, at positions
+    ``lengths, lengths + 1, ...`` (the caller keeps ``lengths + T <= capacity``)."""
+    B, T = k_new.shape[1], k_new.shape[2]
+    positions = cache.lengths[:, None] + jnp.arange(T)[None, :]
+    return _write(cache, k_new, v_new, positions, jnp.ones((B, T), bool))
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def extend(cfg: LMConfig, params: dict, cache: KVCache, tokens_bt: jax.Array,
            num_new_b: jax.Array | None = None):

@@ -199,7 +199,7 @@ def _run(model: ControlledModel, prompts, targets, n_steps: int, forced_bn: np.n
                                  jnp.asarray(targets_b3), state, jnp.asarray(forced[:, win]),
                                  jnp.asarray(force[:, win]), jnp.asarray(np.clip(counted - e * T, 0, T), jnp.int32),
                                  steps=T, temperature=float(temperature), top_p=float(top_p),
-                                 fast=model.fast_for(B))
+                                 fast=model.fast_for(B), replay=model.replay)
         chunks.append(jax.tree.map(np.asarray, out))
         done = {k: np.concatenate([getattr(c, k) for c in chunks], axis=1) for k in EpisodeOut._fields}
         if finished is not None and finished(done):

@@ -10,9 +10,11 @@ are decoded teacher-forced (so every method decodes the same tokens) by
 
 the last two on the serving path: episodes of the run's horizon T with dense replay between them
 (:mod:`soljax.engine.episodes`), each step on the fast decode path (:mod:`soljax.lm.fast_step`),
-or on the masked step for the ``*-masked`` methods (``masked=True``). Every timing includes
-everything the serving loop does per token: the controller's step (observation, hidden state,
-policy network), the LM step, and the episode's page summaries and dense replay.
+or on the masked step for the ``*-masked`` methods (``masked=True``), or without the dense replay
+for the ``*-noreplay`` methods (``no_replay=True``: the cache keeps each episode's compressed
+entries). Every timing includes everything the serving loop does per token: the controller's step
+(observation, hidden state, policy network), the LM step, and the episode's page summaries and
+dense replay.
 
 Timing: each compiled call decodes T tokens (one episode, or T dense steps); its wall time / T is
 one sample of ms per token. The methods take turns, call by call (each on its own copy of the
@@ -101,8 +103,8 @@ class _DenseRun:
 class _ControlledRun:
     """A controller's serving episodes over the timed tokens, one call (one episode) at a time."""
 
-    def __init__(self, model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool):
-        self.model, self.nexts, self.T = model, nexts, model.episode_len
+    def __init__(self, model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool, replay: bool):
+        self.model, self.nexts, self.T, self.replay = model, nexts, model.episode_len, replay
         targets_b3 = as_targets(target, 1)
         self.targets_b3, self.ctrl_params = jnp.asarray(targets_b3), model.params_for(targets_b3)
         self.fast = None if masked else model.fast_for(1)
@@ -115,7 +117,7 @@ class _ControlledRun:
         forced = jnp.asarray(self.nexts[None, e * T:(e + 1) * T])
         (self.state, out), s = _timed(lambda: run_episode(
             m.cfg, m.scfg, m.params, m.controller, self.ctrl_params, self.targets_b3, self.state, forced,
-            self.force, self.counted, steps=T, fast=self.fast))
+            self.force, self.counted, steps=T, fast=self.fast, replay=self.replay))
         if e:
             self.times.append(s)
             self.logps.append(np.asarray(out.logprobs[0]))
@@ -127,7 +129,7 @@ class _ControlledRun:
 
 
 def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, contexts: Sequence[int] = DEFAULT_CONTEXTS,
-                 tokens: int = 64, targets=DEFAULT_TARGETS, masked: bool = False,
+                 tokens: int = 64, targets=DEFAULT_TARGETS, masked: bool = False, no_replay: bool = False,
                  progress: Callable[[str], None] | None = None) -> dict:
     """The benchmark rows (see the module docstring) for ``models`` (``fixed`` and/or ``policy``
     :class:`ControlledModel` of one run, same LM and horizon) over token ids ``ids`` of real text."""
@@ -154,11 +156,12 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
         state0 = start(cfg, first.scfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32),
                        capacity, jax.random.PRNGKey(0))
         runs = {("dense", None): _DenseRun(first, state0, inputs, nexts, T)}
+        variants = [("", False, True)] + [("-masked", True, True)] * masked + [("-noreplay", False, False)] * no_replay
         for name, model in models.items():
-            for path in ("fast", "masked") if masked else ("fast",):
+            for suffix, on_masked, replay in variants:  # (method suffix, masked step, dense replay)
                 for target in targets:
-                    method = name if path == "fast" else f"{name}-masked"
-                    runs[(method, tuple(target))] = _ControlledRun(model, state0, nexts, target, path == "masked")
+                    runs[(name + suffix, tuple(target))] = _ControlledRun(model, state0, nexts, target, on_masked,
+                                                                          replay)
         del state0
         for c in range(n // T):  # call c of every method, then call c + 1: drift hits every row alike
             if progress:
@@ -177,7 +180,7 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
 
 def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_CONTEXTS, tokens: int = 64,
                      targets=DEFAULT_TARGETS, data: str = "eval", methods: Sequence[str] = ("fixed", "policy"),
-                     masked: bool = False, model_dir: str | Path | None = None,
+                     masked: bool = False, no_replay: bool = False, model_dir: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> dict:
     """:func:`bench_decode` of a training run's LM, fixed schedule and policy on ``data`` (a split
     or a text file)."""
@@ -191,18 +194,18 @@ def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_C
     models = {m: controlled_model(cfg, params, run_dir, controller=m) for m in methods}
     ids = load_token_ids(data, tok)
     return bench_decode(models, ids, contexts=contexts, tokens=tokens, targets=targets, masked=masked,
-                        progress=progress)
+                        no_replay=no_replay, progress=progress)
 
 
 def format_table(result: dict) -> str:
     """The rows as a text table."""
     lines = [f"device: {result['device']}",
-             f"{'context':>7} {'method':>13} {'target t/p/q':>16} {'usage t/p/q':>17} {'net keep':>8} "
+             f"{'context':>7} {'method':>15} {'target t/p/q':>16} {'usage t/p/q':>17} {'net keep':>8} "
              f"{'ms/token':>9} {'speedup':>7} {'nll':>7}"]
     for r in result["rows"]:
         tgt = "-" if r["target"] is None else "/".join(f"{v:.2f}" for v in r["target"])
         use = "/".join(f"{r['usage'][a]:.2f}" for a in ("token", "prune", "quant"))
-        lines.append(f"{r['context']:>7} {r['method']:>13} {tgt:>16} {use:>17} {r['net_keep']:>8.3f} "
+        lines.append(f"{r['context']:>7} {r['method']:>15} {tgt:>16} {use:>17} {r['net_keep']:>8.3f} "
                      f"{r['ms_per_token']:>9.2f} {r['speedup']:>7.2f} {r['nll']:>7.4f}")
     return "\n".join(lines)
 
@@ -218,7 +221,8 @@ def bench_decode_cli(args, say) -> None:
         raise SoljaxError("bench decode needs --run RUN_DIR (a training run: its LM, grid and policy)")
     targets = parse_targets(args.targets) if args.targets else DEFAULT_TARGETS
     result = run_bench_decode(args.run, contexts=tuple(args.context or DEFAULT_CONTEXTS), tokens=args.tokens,
-                              targets=targets, data=args.data, masked=args.masked, progress=say)
+                              targets=targets, data=args.data, masked=args.masked, no_replay=args.no_replay,
+                              progress=say)
     print(json.dumps(result) if args.json else format_table(result))
     if args.plot:
         plot_decode_time(result["rows"], Path(args.plot))

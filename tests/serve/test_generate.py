@@ -176,6 +176,62 @@ def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _episodes_without_replay(controls, n_episodes=2):
+    """``n_episodes`` greedy episodes of PROMPTS5 under ``controls`` with the dense replay skipped:
+    ``(state, tokens of each row so far, outs)``."""
+    B, cap = len(PROMPTS5), 128
+    tokens = np.zeros((B, 64), np.int32)
+    for i, p in enumerate(PROMPTS5):
+        tokens[i, : len(p)] = p
+    lengths = np.array([len(p) for p in PROMPTS5])
+    state = start(CFG, SCFG, PARAMS, jnp.asarray(tokens), jnp.asarray(lengths), cap, jax.random.PRNGKey(0))
+    no = jnp.zeros((B, T), jnp.int32)
+    seqs, outs = [p[:-1] for p in PROMPTS5], []
+    for _ in range(n_episodes):
+        state, out = run_episode(CFG, SCFG, PARAMS, GivenControls(), controls, jnp.ones((B, 3), jnp.float32), state,
+                                 no, no > 0, jnp.full((B,), T), steps=T, replay=False)
+        seqs = [s + np.asarray(out.inputs)[i].tolist() for i, s in enumerate(seqs)]
+        outs.append(out)
+    return state, seqs, outs
+
+
+def _dense_prefill_of(seqs):
+    full = np.zeros((len(seqs), 64), np.int32)
+    for i, s in enumerate(seqs):
+        full[i, : len(s)] = s
+    n = np.array([len(s) for s in seqs])
+    h, cache = prefill(CFG, PARAMS, jnp.asarray(full), jnp.asarray(n), 128)
+    return n, h, cache
+
+
+def test_without_the_replay_dense_episodes_leave_the_cache_of_a_dense_prefill():
+    # dense steps compute dense entries: skipping the replay changes nothing but the time
+    state, seqs, _ = _episodes_without_replay(_controls(1.0, 1.0, 16))
+    n, h_ref, ref = _dense_prefill_of(seqs)
+    np.testing.assert_array_equal(np.asarray(state.cache.lengths), n)
+    for i in range(len(seqs)):
+        for a, b in ((state.cache.k, ref.k), (state.cache.v, ref.v)):
+            np.testing.assert_allclose(np.asarray(a)[:, i, : n[i]], np.asarray(b)[:, i, : n[i]], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.h_prev[i]), np.asarray(h_ref[i, n[i] - 1]), atol=1e-5)
+    for a, b in zip(state.summaries, page_summaries_of(SCFG, state.cache)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_without_the_replay_the_cache_keeps_the_compressed_entries():
+    state, seqs, outs = _episodes_without_replay(_controls(0.1, 0.6, 5))
+    assert (np.asarray(outs[0].usage)[np.asarray(outs[0].effective)] < 1).all()
+    n, _, ref = _dense_prefill_of(seqs)
+    first = np.array([len(p) - 1 for p in PROMPTS5])  # where the episodes' entries start
+    for a, b in ((state.cache.k, ref.k), (state.cache.v, ref.v)):
+        a, b = np.asarray(a), np.asarray(b)
+        for i in range(len(seqs)):
+            # the prompt's entries and every first layer's (computed before any compression) are dense
+            np.testing.assert_allclose(a[:, i, : first[i]], b[:, i, : first[i]], atol=1e-5)
+            np.testing.assert_allclose(a[0, i, : n[i]], b[0, i, : n[i]], atol=1e-5)
+        # deeper layers keep what the compressed steps computed, which differs from the dense entries
+        assert max(np.abs(a[1:, i, first[i]:n[i]] - b[1:, i, first[i]:n[i]]).max() for i in range(len(seqs))) > 1e-3
+
+
 def test_teacher_forced_episodes_equal_training_rollouts_on_a_dense_prefix():
     rows = [STREAM[i:i + 19] for i in range(0, 15, 3)]  # 5 rows: 10 context + 9 continuation tokens
     ctx, cont = [r[:10] for r in rows], [r[10:] for r in rows]

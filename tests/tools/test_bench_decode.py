@@ -37,15 +37,15 @@ def run(tmp_path_factory, word_tokenizer_json):
 
 def test_bench_decode_json_schema_and_speedups(run, capsys, tmp_path):
     argv = ["bench", "decode", "--run", str(run / "run"), "--data", str(run / "text.txt"), "--context", "40",
-            "--tokens", "6", "--targets", "0.5,0.8,0.6;0.2,0.6,0.4", "--masked", "--json",
+            "--tokens", "6", "--targets", "0.5,0.8,0.6;0.2,0.6,0.4", "--masked", "--no-replay", "--json",
             "--plot", str(tmp_path / "time.png")]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"device", "rows"} and isinstance(result["device"], str)
     rows = result["rows"]
-    methods = {"dense", "fixed", "policy", "fixed-masked", "policy-masked"}
+    methods = {"dense", "fixed", "policy", "fixed-masked", "policy-masked", "fixed-noreplay", "policy-noreplay"}
     assert {r["method"] for r in rows} == methods and {r["context"] for r in rows} == {40}
-    assert len(rows) == 1 + 4 * 2
+    assert len(rows) == 1 + 4 * 3
     for r in rows:
         assert set(r) == ROW_KEYS and r["calls"] == 2  # 6 tokens -> two calls of T = 4 after the warm-up
         dense = next(d for d in rows if d["context"] == r["context"] and d["method"] == "dense")
@@ -60,6 +60,9 @@ def test_bench_decode_json_schema_and_speedups(run, capsys, tmp_path):
             m = next(x for x in rows if x["method"] == r["method"] + "-masked" and x["context"] == r["context"]
                      and x["target"] == r["target"])
             assert r["usage"] == pytest.approx(m["usage"]) and r["nll"] == pytest.approx(m["nll"], abs=1e-4)
+        if r["method"] == "fixed":  # without the replay, the same schedule over a cache of compressed entries
+            m = next(x for x in rows if x["method"] == "fixed-noreplay" and x["target"] == r["target"])
+            assert r["usage"] == pytest.approx(m["usage"]) and np.isfinite(m["nll"])
     fixed = [r for r in rows if r["method"] == "fixed"]
     assert any(r["net_keep"] < 0.9 for r in fixed)  # the schedules really compress
     assert (tmp_path / "time.png").stat().st_size > 0
