@@ -14,7 +14,7 @@ On a training run's LM, after a dense prefill of ``context`` tokens of the eval 
   work: the T controlled steps, the controller, the page summaries and the dense replay) for the
   dense controller, the fixed schedule at each target, the policy at each target, and the policy's
   own actions replayed as given actions (the same LM work without the policy network: the
-  difference is the policy's cost);
+  difference is the policy's cost), and the policy without the dense replay;
 * ``page summaries`` and ``dense replay``: the two per-episode passes, per token (divided by the
   horizon T): summarizing the pages the replay wrote, and the replay over the prefix.
 
@@ -123,11 +123,11 @@ def main(argv=None) -> None:
     # whole episodes on the serving path
     force, counted = jnp.ones((1, T), bool), jnp.full((1,), T, jnp.int32)
 
-    def episode(model: ControlledModel, target, ctrl_params=None):
+    def episode(model: ControlledModel, target, ctrl_params=None, replay=True):
         targets = as_targets(target, 1)
         cp = model.params_for(targets) if ctrl_params is None else ctrl_params
         return lambda: run_episode(cfg, scfg, params, model.controller, cp, jnp.asarray(targets), copy(state0), nexts,
-                                   force, counted, steps=T, fast=model.fast)
+                                   force, counted, steps=T, fast=model.fast, replay=replay)
 
     add("episode: dense controller", fastest_ms(episode(dense_model, (1.0, 1.0, 1.0)), args.calls) / T)
     given = ControlledModel(cfg, params, scfg, GivenActions(grid=policy.controller.grid), None, T, fast=policy.fast)
@@ -135,6 +135,8 @@ def main(argv=None) -> None:
         label = "/".join(f"{v:.2f}" for v in target)
         add(f"episode: fixed @ {label}", fastest_ms(episode(fixed, target), args.calls) / T)
         add(f"episode: policy @ {label}", fastest_ms(episode(policy, target), args.calls) / T)
+        add(f"episode: policy without the replay @ {label}",
+            fastest_ms(episode(policy, target, replay=False), args.calls) / T)
         _, out = episode(policy, target)()
         actions = jnp.asarray(out.actions)[:, None, :]  # [1, 1, T]
         add(f"episode: policy's actions given @ {label}", fastest_ms(episode(given, target, actions), args.calls) / T,

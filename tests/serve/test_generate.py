@@ -143,42 +143,9 @@ def test_dense_controls_give_exactly_the_plain_greedy_output():
             assert (g.usage == 1).all() and g.stop_reason == "length"
 
 
-def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
-    B, cap = len(PROMPTS5), 128
-    tokens = np.zeros((B, 64), np.int32)
-    for i, p in enumerate(PROMPTS5):
-        tokens[i, : len(p)] = p
-    lengths = np.array([len(p) for p in PROMPTS5])
-    state = start(CFG, SCFG, PARAMS, jnp.asarray(tokens), jnp.asarray(lengths), cap, jax.random.PRNGKey(0))
-    no = jnp.zeros((B, T), jnp.int32)
-    seqs = [p[:-1] for p in PROMPTS5]  # what the dense cache should hold
-    for _ in range(2):  # two episodes of aggressive compression, each followed by its dense replay
-        state, out = run_episode(CFG, SCFG, PARAMS, GivenControls(), _controls(0.1, 0.6, 5),
-                                 jnp.ones((B, 3), jnp.float32), state, no, no > 0, jnp.full((B,), T), steps=T,
-                                 temperature=0.0, top_p=1.0)
-        assert (np.asarray(out.usage)[np.asarray(out.effective)] < 1).all()
-        inputs, nxt = np.asarray(out.inputs), np.asarray(out.next_tokens)
-        assert inputs[:, 1:].tolist() == nxt[:, :-1].tolist()
-        seqs = [s + inputs[i].tolist() for i, s in enumerate(seqs)]
-    full = np.zeros((B, 64), np.int32)
-    for i, s in enumerate(seqs):
-        full[i, : len(s)] = s
-    n = np.array([len(s) for s in seqs])
-    h_ref, ref = prefill(CFG, PARAMS, jnp.asarray(full), jnp.asarray(n), cap)
-    np.testing.assert_array_equal(np.asarray(state.cache.lengths), n)
-    for i in range(B):
-        for a, b in ((state.cache.k, ref.k), (state.cache.v, ref.v)):
-            np.testing.assert_allclose(np.asarray(a)[:, i, : n[i]], np.asarray(b)[:, i, : n[i]], atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state.h_prev[i]), np.asarray(h_ref[i, n[i] - 1]), atol=1e-5)
-    assert np.asarray(state.token).tolist() == nxt[:, -1].tolist()
-    # the page summaries carried from episode to episode are those of the refreshed cache
-    for a, b in zip(state.summaries, page_summaries_of(SCFG, state.cache)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def _episodes_without_replay(controls, n_episodes=2):
-    """``n_episodes`` greedy episodes of PROMPTS5 under ``controls`` with the dense replay skipped:
-    ``(state, tokens of each row so far, outs)``."""
+def _episodes(controls, replay=True, n_episodes=2):
+    """``n_episodes`` greedy episodes of PROMPTS5 under raw ``controls``: ``(state, the tokens of each
+    row so far, the episodes' outputs)``."""
     B, cap = len(PROMPTS5), 128
     tokens = np.zeros((B, 64), np.int32)
     for i, p in enumerate(PROMPTS5):
@@ -189,10 +156,21 @@ def _episodes_without_replay(controls, n_episodes=2):
     seqs, outs = [p[:-1] for p in PROMPTS5], []
     for _ in range(n_episodes):
         state, out = run_episode(CFG, SCFG, PARAMS, GivenControls(), controls, jnp.ones((B, 3), jnp.float32), state,
-                                 no, no > 0, jnp.full((B,), T), steps=T, replay=False)
+                                 no, no > 0, jnp.full((B,), T), steps=T, replay=replay)
         seqs = [s + np.asarray(out.inputs)[i].tolist() for i, s in enumerate(seqs)]
         outs.append(out)
     return state, seqs, outs
+
+
+def test_episode_refresh_makes_the_cache_a_dense_prefill_of_the_same_tokens():
+    # two episodes of aggressive compression, each followed by its dense replay
+    state, seqs, outs = _episodes(_controls(0.1, 0.6, 5))
+    for out in outs:
+        assert (np.asarray(out.usage)[np.asarray(out.effective)] < 1).all()
+        inputs, nxt = np.asarray(out.inputs), np.asarray(out.next_tokens)
+        assert inputs[:, 1:].tolist() == nxt[:, :-1].tolist()
+    _assert_dense_prefill_state(state, seqs)
+    assert np.asarray(state.token).tolist() == nxt[:, -1].tolist()
 
 
 def _dense_prefill_of(seqs):
@@ -204,9 +182,9 @@ def _dense_prefill_of(seqs):
     return n, h, cache
 
 
-def test_without_the_replay_dense_episodes_leave_the_cache_of_a_dense_prefill():
-    # dense steps compute dense entries: skipping the replay changes nothing but the time
-    state, seqs, _ = _episodes_without_replay(_controls(1.0, 1.0, 16))
+def _assert_dense_prefill_state(state, seqs):
+    """The state holds what a dense prefill of ``seqs`` gives: the cache, the last hidden state and
+    the page summaries (carried from episode to episode)."""
     n, h_ref, ref = _dense_prefill_of(seqs)
     np.testing.assert_array_equal(np.asarray(state.cache.lengths), n)
     for i in range(len(seqs)):
@@ -217,8 +195,14 @@ def test_without_the_replay_dense_episodes_leave_the_cache_of_a_dense_prefill():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_without_the_replay_dense_episodes_leave_the_cache_of_a_dense_prefill():
+    # dense steps compute dense entries: skipping the replay changes nothing but the time
+    state, seqs, _ = _episodes(_controls(1.0, 1.0, 16), replay=False)
+    _assert_dense_prefill_state(state, seqs)
+
+
 def test_without_the_replay_the_cache_keeps_the_compressed_entries():
-    state, seqs, outs = _episodes_without_replay(_controls(0.1, 0.6, 5))
+    state, seqs, outs = _episodes(_controls(0.1, 0.6, 5), replay=False)
     assert (np.asarray(outs[0].usage)[np.asarray(outs[0].effective)] < 1).all()
     n, _, ref = _dense_prefill_of(seqs)
     first = np.array([len(p) - 1 for p in PROMPTS5])  # where the episodes' entries start
