@@ -170,5 +170,4 @@ def decode_step(cfg: LMConfig, params: dict, cache: KVCache, tokens_b: jax.Array
     positions = cache.lengths[:, None]
     ones = jnp.ones((tokens_b.shape[0],), jnp.int32)
     h, k, v = _run_layers(cfg, params, tokens_b[:, None], positions, ones, cache)
-    cache = _write(cache, k, v, positions, ones[:, None] > 0)
-    return logits(cfg, params, h[:, 0]), h[:, 0], cache
+    return logits(cfg, params, h[:, 0]), h[:, 0], append(cache, k, v)

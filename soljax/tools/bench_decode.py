@@ -13,8 +13,8 @@ the last two on the serving path: episodes of the run's horizon T with dense rep
 or on the masked step for the ``*-masked`` methods (``masked=True``), or without the dense replay
 for the ``*-noreplay`` methods (``no_replay=True``: the cache keeps each episode's compressed
 entries). Every timing includes everything the serving loop does per token: the controller's step
-(observation, hidden state, policy network), the LM step, and the episode's page summaries and
-dense replay.
+(observation, hidden state, policy network), the LM step, the episode's page summaries and, unless
+skipped, its dense replay.
 
 Timing: each compiled call decodes T tokens (one episode, or T dense steps); its wall time / T is
 one sample of ms per token. The methods take turns, call by call (each on its own copy of the
@@ -28,6 +28,7 @@ mean; ``nll`` the mean negative log-likelihood (nats) of the timed tokens under 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -103,11 +104,10 @@ class _DenseRun:
 class _ControlledRun:
     """A controller's serving episodes over the timed tokens, one call (one episode) at a time."""
 
-    def __init__(self, model: ControlledModel, state0, nexts: np.ndarray, target, masked: bool, replay: bool):
-        self.model, self.nexts, self.T, self.replay = model, nexts, model.episode_len, replay
+    def __init__(self, model: ControlledModel, state0, nexts: np.ndarray, target):
+        self.model, self.nexts, self.T = model, nexts, model.episode_len
         targets_b3 = as_targets(target, 1)
         self.targets_b3, self.ctrl_params = jnp.asarray(targets_b3), model.params_for(targets_b3)
-        self.fast = None if masked else model.fast_for(1)
         self.force, self.counted = jnp.ones((1, self.T), bool), jnp.full((1,), self.T, jnp.int32)
         self.state = _copy(state0)
         self.times, self.logps, self.applied, self.effective = [], [], [], []
@@ -117,7 +117,7 @@ class _ControlledRun:
         forced = jnp.asarray(self.nexts[None, e * T:(e + 1) * T])
         (self.state, out), s = _timed(lambda: run_episode(
             m.cfg, m.scfg, m.params, m.controller, self.ctrl_params, self.targets_b3, self.state, forced,
-            self.force, self.counted, steps=T, fast=self.fast, replay=self.replay))
+            self.force, self.counted, steps=T, fast=m.fast_for(1), replay=m.replay))
         if e:
             self.times.append(s)
             self.logps.append(np.asarray(out.logprobs[0]))
@@ -156,12 +156,15 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
         state0 = start(cfg, first.scfg, params, jnp.asarray(prompt[None]), jnp.asarray([context], jnp.int32),
                        capacity, jax.random.PRNGKey(0))
         runs = {("dense", None): _DenseRun(first, state0, inputs, nexts, T)}
-        variants = [("", False, True)] + [("-masked", True, True)] * masked + [("-noreplay", False, False)] * no_replay
         for name, model in models.items():
-            for suffix, on_masked, replay in variants:  # (method suffix, masked step, dense replay)
+            variants = {name: model}
+            if masked:  # the same decisions on the masked step
+                variants[f"{name}-masked"] = dataclasses.replace(model, fast=None)
+            if no_replay:
+                variants[f"{name}-noreplay"] = dataclasses.replace(model, replay=False)
+            for method, variant in variants.items():
                 for target in targets:
-                    runs[(name + suffix, tuple(target))] = _ControlledRun(model, state0, nexts, target, on_masked,
-                                                                          replay)
+                    runs[(method, tuple(target))] = _ControlledRun(variant, state0, nexts, target)
         del state0
         for c in range(n // T):  # call c of every method, then call c + 1: drift hits every row alike
             if progress:
