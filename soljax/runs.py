@@ -169,6 +169,7 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
     path = None
     if fast:
         path = FastPath(Levels.of() if controller == "dense" else Levels.from_grid(grid),
+                        mlp="pallas" if scfg.mlp_impl == "pallas" else "masked",
                         attention_impl=scfg.attention_impl, interpret=scfg.kernel_interpret)
     if controller == "dense":
         def dense(targets):

@@ -19,7 +19,9 @@ pages, channels and bits), but it only does the work the chosen levels need. In 
   masked input by the whole weights (``mlp="masked"``, the CPU default: XLA:CPU gathers of weight
   rows cost more than they save, see docs/benchmarks.md) or gathers the kept rows of ``w_gate`` /
   ``w_up`` (``mlp="gather"``, statically sized ``ceil(rho * D)`` rows; a tie that keeps more runs
-  the masked branch).
+  the masked branch), or runs the Pallas kernels (``mlp="pallas"``: the channel-gathered gate/up
+  and the down projection with the fake quantizer as its epilogue, :func:`soljax.lm.kernel_path.sparse_mlp`,
+  for any rho and bits; the dense MLP when both are dense).
 * **bits**: ``lax.switch`` on the bits level: 16 skips the quantizer, b < 16 fake-quantizes with
   a static width (fake quantization is a quality control, not a time saving: see
   docs/benchmarks.md).
@@ -47,13 +49,14 @@ from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
 from soljax.kernels import ops
 from soljax.kernels.quest_attention import pages_from_keep
+from soljax.lm import kernel_path
 from soljax.lm import layers as L
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import Controls, SharedPrefix, SparsityConfig, StepInfo, SuffixCache
 
 UNION_TIERS = (1.0, 1.5, 2.0, 3.0, 4.0)  # page capacities per KV head, in multiples of the level's budget
-MLP_PATHS = ("masked", "gather")
+MLP_PATHS = ("masked", "gather", "pallas")
 
 
 def _f32(v) -> float:
@@ -63,7 +66,7 @@ def _f32(v) -> float:
 @dataclasses.dataclass(frozen=True)
 class FastPath:
     """How the fast step runs (static): the ``levels`` that get their own branch, the MLP
-    formulation (``mlp``: masked | gather) and the page-gather implementation
+    formulation (``mlp``: masked | gather | pallas) and the page-gather implementation
     (``attention_impl``: xla | pallas, with ``interpret`` for Pallas on CPU)."""
 
     levels: "Levels"
@@ -287,6 +290,12 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
                                     mlp_masked)
             return run
 
+        if mlp == "pallas":  # the kernels prune, read the kept rows only and quantize in the epilogue
+            def mlp_kernel():
+                return kernel_path.sparse_mlp(mlp_weights(), h2, rho[:, None], bits[:, None],
+                                              interpret=path.interpret)
+            dense = (i_rho == len(levels.rho) - 1) & (i_bits == len(levels.bits) - 1)
+            return x + jax.lax.cond(dense, mlp_dense, mlp_kernel), (k[:, 0], v[:, 0], kept.astype(jnp.int32))
         if mlp == "masked":  # every sparse level runs the same computation
             out = jax.lax.cond(i_rho == len(levels.rho) - 1, mlp_dense, mlp_masked)
         else:

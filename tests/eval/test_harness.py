@@ -1,5 +1,6 @@
 """Downstream adapter: dense mode equals the plain model; offline tasks; a policy/fixed/dense run."""
 
+import shutil
 import types
 
 import jax
@@ -90,6 +91,19 @@ def test_dense_mode_gives_the_plain_models_loglikelihoods(run_dir):
         sol.loglikelihood([_req("x", "")])
     with pytest.raises(SoljaxError, match="unknown controller"):
         controlled_model(LM_CFG, PARAMS, run_dir, controller="oracle")
+
+
+def test_a_run_on_the_kernels_serves_on_the_kernels(run_dir, tmp_path):
+    """A run configured for the Pallas kernels decodes small batches on the fast path's kernel branches."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = (run / "config.yaml").read_text()
+    for key in ("attention_impl", "mlp_impl"):
+        config = config.replace(f"{key}: xla", f"{key}: pallas")
+    (run / "config.yaml").write_text(config.replace("kernel_interpret: false", "kernel_interpret: true"))
+    fast = controlled_model(LM_CFG, PARAMS, run, controller="fixed").fast
+    assert (fast.mlp, fast.attention_impl, fast.interpret) == ("pallas", "pallas", True)
+    assert controlled_model(LM_CFG, PARAMS, run_dir, controller="fixed").fast.mlp == "masked"
 
 
 @pytest.fixture(scope="module")

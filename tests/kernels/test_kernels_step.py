@@ -9,6 +9,7 @@ import pytest
 from soljax.errors import SoljaxError
 from soljax.lm import LMConfig, init_params
 from soljax.lm.controlled import Controls, SparsityConfig, SuffixCache, controlled_step, prefill_shared
+from soljax.lm.fast_step import FastPath, Levels, fast_step
 
 CFG = LMConfig(vocab_size=61, hidden_size=40, intermediate_size=48, num_layers=2, num_heads=6,
                num_kv_heads=2, head_dim=16)
@@ -18,13 +19,13 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(1), (B, M + T), 0, CFG.vocab_size
 LENGTHS = jnp.array([M, 18])
 
 
-def _rollout(scfg, controls):
+def _rollout(scfg, controls, step_fn=controlled_step, schedules=K):
     _, prefix = prefill_shared(CFG, scfg, PARAMS, TOKENS[:, :M], LENGTHS)
-    suffix = SuffixCache.empty(CFG, B, K, T)
+    suffix = SuffixCache.empty(CFG, B, schedules, T)
     logits, kept = [], []
     for t in range(T):
-        step = jnp.broadcast_to(TOKENS[:, M + t][:, None], (B, K))
-        lg, _, suffix, info = controlled_step(CFG, scfg, PARAMS, prefix, suffix, step, controls[t])
+        step = jnp.broadcast_to(TOKENS[:, M + t][:, None], (B, schedules))
+        lg, _, suffix, info = step_fn(CFG, scfg, PARAMS, prefix, suffix, step, controls[t])
         logits.append(lg)
         kept.append(info.kept_keys)
     return np.asarray(jnp.stack(logits)), np.asarray(jnp.stack(kept))
@@ -44,6 +45,22 @@ def test_pallas_step_equals_the_masked_xla_step(controlled=True):
     np.testing.assert_array_equal(kept_got, kept_want)
     if controlled:
         assert (kept_want[-1] < (LENGTHS[:, None, None, None] + T)).any()  # some heads really skipped pages
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_fast_step_on_the_kernels_equals_the_masked_xla_step():
+    """The fast decode path's branches call both kernels (``attention_impl`` pallas, ``mlp`` pallas):
+    rows at different levels, levels changing every step, a dense row and values off the levels."""
+    actions = [[(0.1, 0.4, 3), (0.3, 0.7, 5)], [(1.0, 1.0, 16), (0.1, 0.4, 16)], [(0.2, 0.55, 4), (0.3, 1.0, 3)]]
+    controls = [Controls(*(jnp.asarray(v, dt).reshape(B, 1) for v, dt in
+                           zip(zip(*step), (jnp.float32, jnp.float32, jnp.int32)))) for step in actions]
+    scfg = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1)
+    path = FastPath(Levels.of([0.1, 0.3], [0.4, 0.7], [3, 5]), mlp="pallas", attention_impl="pallas",
+                    interpret=True)
+    want, kept_want = _rollout(scfg, controls, schedules=1)
+    got, kept_got = _rollout(scfg, controls, lambda *a: fast_step(a[0], a[1], path, *a[2:]), schedules=1)
+    np.testing.assert_array_equal(kept_got, kept_want)
+    assert (kept_want[0] < (LENGTHS[:, None, None, None] + 1)).any()  # the first step's rows skipped pages
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
