@@ -14,6 +14,7 @@ from soljax.errors import SoljaxError
 
 from soljax.tools import paper_eval
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
+from soljax.tools.shapes import SHAPES
 
 NO_REPLAY_HELP = ("skip the dense replay of each finished episode (the reference's KV refresh): the cache keeps "
                   "the K/V entries computed under the chosen compute, which saves a dense pass over the cache "
@@ -211,7 +212,7 @@ def cmd_bench(args) -> None:
     elif args.what == "convert":
         from soljax.tools.bench_convert import bench_convert, format_table
 
-        result = bench_convert(args.shape, args.dtype or "bfloat16", progress=say)
+        result = bench_convert(args.shape or "llama-3.2-1b", args.dtype or "bfloat16", progress=say)
     elif args.what == "tokenize":
         from soljax.tools.bench_tokenize import bench_tokenize, format_table
 
@@ -383,13 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, help="timed repeats (default: 3; kernels on an accelerator: 20)")
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="kernels: batch sizes")
     s.add_argument("--impl", nargs="+", choices=["xla", "pallas"],
-                   help="kernels: implementations (default: xla, plus pallas on a GPU or TPU)")
+                   help="kernels: implementations (default: xla, plus pallas on a GPU or TPU); decode --shape: "
+                        "the fast path's ops (default xla; pallas: the kernels, interpreted on CPU)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="kernels: data type (default: bfloat16 on accelerators, float32 on CPU); "
-                        "convert: target dtype (default bfloat16)")
-    s.add_argument("--shape", default="llama-3.2-1b", choices=["llama-3.2-1b", "llama-3.2-3b"],
-                   help="convert: the synthetic model's shapes (random float32 weights in a temporary "
-                        "directory, $TMPDIR)")
+                   help="kernels and decode --shape: data type (default: bfloat16 on accelerators, float32 on "
+                        "CPU); convert: target dtype (default bfloat16)")
+    s.add_argument("--shape", choices=list(SHAPES),
+                   help="convert: the synthetic model's shapes (default llama-3.2-1b; random float32 weights in a "
+                        "temporary directory, $TMPDIR); decode: time a model of this shape with random weights "
+                        "instead of a run's (dense against constant controls --targets, default 0.1,1,1;0.1,0.5,1, "
+                        "at --context, default 32768, per --impl)")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
     s.add_argument("--run", help="decode: the training run whose LM, fixed schedule and policy are timed")
     s.add_argument("--tokens", type=int, default=64, help="decode: timed tokens per row after a warm-up episode "

@@ -20,15 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-GB = 1e9
+from soljax.tools.shapes import hf_config
 
-#: Hugging Face configs of the synthetic models (the real models' shapes).
-SHAPES = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-}
+GB = 1e9
 
 
 def hf_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
@@ -54,8 +48,7 @@ def write_synthetic_llama(out: Path, shape: str = "llama-3.2-1b", shard_bytes: i
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
-          "rope_theta": 500000.0, "max_position_embeddings": 8192, "torch_dtype": "float32", **SHAPES[shape]}
+    hf = {**hf_config(shape), "torch_dtype": "float32"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf, indent=2))
     vocab = {f"w{i}": i for i in range(hf["vocab_size"])}

@@ -24,6 +24,12 @@ remaining calls (``tokens`` decoded tokens, rounded up to whole calls).
 ``speedup`` is dense ms / the method's ms in the same run. ``usage`` is the realized mean usage
 per axis over the timed steps (token keep, MLP-input keep / rho_max, bits / 16), ``net_keep`` their
 mean; ``nll`` the mean negative log-likelihood (nats) of the timed tokens under that controller.
+
+:func:`run_bench_decode_shape` (``soljax bench decode --shape NAME``) times the same loop on a
+model of a named shape (:mod:`soljax.tools.shapes`, e.g. Llama-3.1-8B) with random weights and
+random tokens, for models too large for this machine or not on it: the dense decoder against
+constant controls on the fast path, with the XLA ops or the Pallas kernels. Only its times mean
+something.
 """
 
 from __future__ import annotations
@@ -39,16 +45,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from soljax.compress.targets import as_targets
+from soljax.control.given import GivenControls
 from soljax.engine.episodes import ControlledModel, round_up, run_episode, start
 from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
+from soljax.lm.controlled import Controls, SparsityConfig
+from soljax.lm.fast_step import FastPath, Levels
+from soljax.lm.params import init_params
 from soljax.serve.generate import realized_budget
 from soljax.tools.bench_kernels import device_name
 
 DEFAULT_CONTEXTS = (1024, 4096, 8000)
 DEFAULT_TARGETS = ((0.6, 0.9, 0.75), (0.4, 0.8, 0.6), (0.2, 0.7, 0.45))
 METHODS = ("dense", "fixed", "policy")
+SHAPE_CONTEXTS = (32768,)
+SHAPE_TARGETS = ((0.1, 1.0, 1.0), (0.1, 0.5, 1.0))  # token keep, MLP-input keep, bits / 16
+SHAPE_HORIZON = 16  # decode steps per episode (the reference's rollout length)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -200,15 +213,69 @@ def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_C
                         no_replay=no_replay, progress=progress)
 
 
+def constant_controls(T: int):
+    """``ctrl_params`` of :class:`GivenControls` for constant controls: targets ``[B, 3]`` read as
+    (token keep, MLP-input keep, bits / 16) -> :class:`Controls` of ``[B, 1, T]``."""
+    def controls(targets_b3: np.ndarray) -> Controls:
+        t = np.asarray(targets_b3, np.float32)
+        per_step = lambda col, dtype: jnp.asarray(np.broadcast_to(col[:, None, None], (len(t), 1, T)), dtype)
+        return Controls(per_step(t[:, 0], jnp.float32), per_step(t[:, 1], jnp.float32),
+                        per_step(np.rint(16 * t[:, 2]), jnp.int32))
+    return controls
+
+
+def shape_models(cfg: LMConfig, params: dict, targets, impls: Sequence[str] = ("xla",), *, page_size: int = 16,
+                 episode_len: int = SHAPE_HORIZON) -> dict[str, ControlledModel]:
+    """Constant-controls models on the fast path, one per impl: ``xla`` (page gathers; the MLP
+    gathers its kept rows on accelerators and stays masked on CPU, where gathers cost more than
+    they save) or ``pallas`` (both kernels; interpreted on CPU)."""
+    cpu = jax.default_backend() == "cpu"
+    levels = Levels.of(*zip(*[(t, p, int(np.rint(16 * q))) for t, p, q in targets]))
+    models = {}
+    for impl in impls:
+        if impl not in ("xla", "pallas"):
+            raise SoljaxError(f"unknown impl {impl!r} (expected xla or pallas)")
+        pallas = impl == "pallas"
+        scfg = SparsityConfig(page_size=page_size, attention_impl=impl, mlp_impl=impl, kernel_interpret=pallas and cpu)
+        path = FastPath(levels, mlp="pallas" if pallas else "masked" if cpu else "gather", attention_impl=impl,
+                        interpret=scfg.kernel_interpret)
+        models[f"fast-{impl}"] = ControlledModel(cfg, params, scfg, GivenControls(), constant_controls(episode_len),
+                                                 episode_len, fast=path)
+    return models
+
+
+def run_bench_decode_shape(shape: str, *, contexts: Sequence[int] = SHAPE_CONTEXTS, tokens: int = 32,
+                           targets=SHAPE_TARGETS, impls: Sequence[str] = ("xla",), dtype: str | None = None,
+                           masked: bool = False, no_replay: bool = False,
+                           progress: Callable[[str], None] | None = None) -> dict:
+    """:func:`bench_decode` of a model of a named shape with random weights (``dtype``: default
+    bfloat16 on accelerators, float32 on CPU) on random tokens: the dense decoder against constant
+    controls (each target ``t,p,q``: token keep t, MLP-input keep p, 16 q bits) on the fast path,
+    per impl (:func:`shape_models`). The NLLs of random weights mean nothing; the times do."""
+    from soljax.tools.shapes import shape_config
+
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    cfg = shape_config(shape, dtype)
+    if progress:
+        progress(f"random {shape} weights ({dtype})")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    models = shape_models(cfg, params, targets, impls)
+    n = max(contexts) + round_up(tokens, SHAPE_HORIZON) + SHAPE_HORIZON  # what bench_decode reads
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(np.int32)
+    result = bench_decode(models, ids, contexts=contexts, tokens=tokens, targets=targets, masked=masked,
+                          no_replay=no_replay, progress=progress)
+    return {**result, "shape": shape, "dtype": dtype}
+
+
 def format_table(result: dict) -> str:
     """The rows as a text table."""
     lines = [f"device: {result['device']}",
-             f"{'context':>7} {'method':>15} {'target t/p/q':>16} {'usage t/p/q':>17} {'net keep':>8} "
+             f"{'context':>7} {'method':>20} {'target t/p/q':>16} {'usage t/p/q':>17} {'net keep':>8} "
              f"{'ms/token':>9} {'speedup':>7} {'nll':>7}"]
     for r in result["rows"]:
         tgt = "-" if r["target"] is None else "/".join(f"{v:.2f}" for v in r["target"])
         use = "/".join(f"{r['usage'][a]:.2f}" for a in ("token", "prune", "quant"))
-        lines.append(f"{r['context']:>7} {r['method']:>15} {tgt:>16} {use:>17} {r['net_keep']:>8.3f} "
+        lines.append(f"{r['context']:>7} {r['method']:>20} {tgt:>16} {use:>17} {r['net_keep']:>8.3f} "
                      f"{r['ms_per_token']:>9.2f} {r['speedup']:>7.2f} {r['nll']:>7.4f}")
     return "\n".join(lines)
 
@@ -220,12 +287,21 @@ def bench_decode_cli(args, say) -> None:
     from soljax.compress.targets import parse_targets
     from soljax.plots import plot_decode_time
 
-    if not args.run:
-        raise SoljaxError("bench decode needs --run RUN_DIR (a training run: its LM, grid and policy)")
-    targets = parse_targets(args.targets) if args.targets else DEFAULT_TARGETS
-    result = run_bench_decode(args.run, contexts=tuple(args.context or DEFAULT_CONTEXTS), tokens=args.tokens,
-                              targets=targets, data=args.data, masked=args.masked, no_replay=args.no_replay,
-                              progress=say)
+    if bool(args.run) == bool(args.shape):
+        raise SoljaxError("bench decode needs either --run RUN_DIR (a training run: its LM, grid and policy) or "
+                          "--shape NAME (a model of that shape with random weights)")
+    if args.shape:
+        if args.plot:
+            raise SoljaxError("--plot draws NLL against time, which random weights do not have: drop it with --shape")
+        result = run_bench_decode_shape(args.shape, contexts=tuple(args.context or SHAPE_CONTEXTS), tokens=args.tokens,
+                                        targets=parse_targets(args.targets) if args.targets else SHAPE_TARGETS,
+                                        impls=tuple(args.impl or ("xla",)), dtype=args.dtype, masked=args.masked,
+                                        no_replay=args.no_replay, progress=say)
+    else:
+        targets = parse_targets(args.targets) if args.targets else DEFAULT_TARGETS
+        result = run_bench_decode(args.run, contexts=tuple(args.context or DEFAULT_CONTEXTS), tokens=args.tokens,
+                                  targets=targets, data=args.data, masked=args.masked, no_replay=args.no_replay,
+                                  progress=say)
     print(json.dumps(result) if args.json else format_table(result))
     if args.plot:
         plot_decode_time(result["rows"], Path(args.plot))

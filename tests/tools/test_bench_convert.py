@@ -11,19 +11,21 @@ import numpy as np
 
 from soljax.lm.convert import convert
 from soljax.lm.checkpoint import load_model
-from soljax.tools.bench_convert import SHAPES, hf_tensor_shapes, peak_rss_bytes, write_synthetic_llama
+from soljax.tools.bench_convert import hf_tensor_shapes, peak_rss_bytes, write_synthetic_llama
+from soljax.tools.shapes import SHAPES, hf_config, shape_config
 
 
 def test_synthetic_shapes_have_the_real_parameter_counts():
-    counts = {name: sum(math.prod(s) for s in hf_tensor_shapes(hf).values()) for name, hf in SHAPES.items()}
-    assert counts == {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824}
+    counts = {name: sum(math.prod(s) for s in hf_tensor_shapes(hf_config(name)).values()) for name in SHAPES}
+    assert counts == {"llama-tiny": 361_088, "smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400,
+                      "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248}
+    cfg = shape_config("llama-3.1-8b", "bfloat16")
+    assert (cfg.rope_scaling.rope_type, cfg.max_position_embeddings, cfg.dtype) == ("llama3", 131072, "bfloat16")
+    assert shape_config("smollm2-135m").rope_theta == 100000.0
 
 
-def test_synthetic_checkpoint_is_sharded_and_converts(tmp_path, monkeypatch):
-    monkeypatch.setitem(SHAPES, "tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                            tie_word_embeddings=True))
-    info = write_synthetic_llama(tmp_path / "hf", "tiny", shard_bytes=4 * 64 * 32)
+def test_synthetic_checkpoint_is_sharded_and_converts(tmp_path):
+    info = write_synthetic_llama(tmp_path / "hf", "llama-tiny", shard_bytes=4 * 512 * 128)
     assert info["shards"] > 2 and info["largest_tensor"] == "model.embed_tokens.weight"
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) == info["shards"]
     cfg = convert(tmp_path / "hf", tmp_path / "out", dtype="bfloat16", quiet=True)

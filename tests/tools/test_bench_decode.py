@@ -13,7 +13,8 @@ from soljax.control.network import PolicyConfig, init_policy
 from soljax.errors import SoljaxError
 from soljax.lm.checkpoint import save_model
 from soljax.lm.tokenizer import Tokenizer
-from soljax.tools.bench_decode import format_table
+from soljax.tools.bench_decode import constant_controls, format_table
+from soljax.tools.shapes import shape_config
 
 CFG, PARAMS = tiny_lm(0, scale=0.5, max_position_embeddings=128)
 ROW_KEYS = {"context", "method", "target", "usage", "net_keep", "ms_per_token", "speedup", "nll", "calls"}
@@ -78,3 +79,38 @@ def test_bench_decode_bad_input(run, capsys):
         from soljax.tools.bench_decode import run_bench_decode
 
         run_bench_decode(run / "run", methods=("oracle",))
+
+
+def test_bench_decode_of_a_named_shape_with_random_weights(capsys):
+    """``--shape``: the dense decoder against constant controls on both fast paths (the kernels
+    interpreted), on the same random tokens."""
+    argv = ["bench", "decode", "--shape", "llama-tiny", "--context", "64", "--tokens", "16", "--impl", "xla",
+            "pallas", "--targets", "1,1,16;0.1,0.5,16", "--json"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["shape"], result["dtype"]) == ("llama-tiny", "float32")
+    rows = {(r["method"], tuple(r["target"] or ())): r for r in result["rows"]}
+    assert set(rows) == {("dense", ())} | {(m, t) for m in ("fast-xla", "fast-pallas") for t in ((1, 1, 1), (0.1, 0.5, 1))}
+    dense = rows[("dense", ())]
+    for (method, target), r in rows.items():
+        assert r["calls"] == 1 and r["speedup"] == pytest.approx(dense["ms_per_token"] / r["ms_per_token"])
+        if target:  # the constant controls are what the steps applied
+            assert [r["usage"][a] for a in ("token", "prune", "quant")] == pytest.approx(target)
+    for method in ("fast-xla", "fast-pallas"):  # dense controls decode what the dense decoder does
+        assert rows[(method, (1, 1, 1))]["nll"] == pytest.approx(dense["nll"], abs=1e-4)
+    sparse = rows[("fast-xla", (0.1, 0.5, 1))]
+    assert sparse["nll"] != pytest.approx(dense["nll"], abs=1e-3)  # the sparse controls changed the model
+    assert rows[("fast-pallas", (0.1, 0.5, 1))]["nll"] == pytest.approx(sparse["nll"], abs=1e-4)
+    controls = constant_controls(3)(np.array([[0.1, 0.5, 0.25]]))  # targets read as keep, keep, bits / 16
+    assert controls.kappa.shape == (1, 1, 3) and controls.bits.tolist() == [[[4, 4, 4]]]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--shape", "llama-tiny", "--run", "somewhere"], "either --run"),
+    (["--shape", "llama-tiny", "--plot", "x.png"], "random weights"),
+])
+def test_bench_decode_shape_bad_input(argv, needle, capsys):
+    assert cli.main(["bench", "decode", *argv]) != 0
+    assert needle in capsys.readouterr().err
+    with pytest.raises(SoljaxError, match="unknown model shape"):
+        shape_config("llama-70b")
