@@ -140,11 +140,12 @@ class TrainConfig:
                 raise SoljaxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise SoljaxError(f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
-        for name in ("attention_impl", "mlp_impl"):
-            if getattr(self, name) not in ("xla", "pallas"):
-                raise SoljaxError(f"config: {name} must be xla or pallas, got {getattr(self, name)!r}")
-        if self.attention_impl == "pallas" and self.sparsity_criteria != "quest":
-            raise SoljaxError("config: attention_impl pallas needs sparsity_criteria quest")
+        if self.attention_impl not in ("xla", "pallas", "cpu"):
+            raise SoljaxError(f"config: attention_impl must be xla, pallas or cpu, got {self.attention_impl!r}")
+        if self.mlp_impl not in ("xla", "pallas"):
+            raise SoljaxError(f"config: mlp_impl must be xla or pallas, got {self.mlp_impl!r}")
+        if self.attention_impl != "xla" and self.sparsity_criteria != "quest":
+            raise SoljaxError(f"config: attention_impl {self.attention_impl} needs sparsity_criteria quest")
         if not isinstance(self.kernel_interpret, bool):
             raise SoljaxError(f"config: kernel_interpret must be true or false, got {self.kernel_interpret!r}")
         if self.rollout_engine not in ("shared", "copied"):

@@ -15,6 +15,7 @@ policy, its LM, and the controlled model made of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -149,8 +150,8 @@ def load_lm_sharded(cfg: TrainConfig, *, model_dir: str | Path | None = None, dt
 
 
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
-                     greedy: bool = True, guard: bool = False, fast: bool = True,
-                     replay: bool = True) -> ControlledModel:
+                     greedy: bool = True, guard: bool = False, fast: bool = True, replay: bool = True,
+                     attention_impl: str | None = None) -> ControlledModel:
     """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
     the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
     actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
@@ -158,7 +159,8 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
     (``"dense"``). ``fast``: decode single prompts and small batches on the fast path (static branches per
     level of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step.
     ``replay``: replay each finished episode densely (the reference's KV refresh; False keeps the
-    episode's compressed K/V entries, see :func:`soljax.engine.episodes.run_episode`)."""
+    episode's compressed K/V entries, see :func:`soljax.engine.episodes.run_episode`).
+    ``attention_impl``: overrides the run's (xla | pallas | cpu)."""
     if controller not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
                           f"{', '.join(CONTROLLERS)})")
@@ -166,6 +168,8 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError("the budget guard applies to the policy controller only")
     tcfg = run_config(run_dir)
     grid, T, scfg = action_grid(tcfg), tcfg.rollout_len, sparsity_config(tcfg)
+    if attention_impl is not None:
+        scfg = dataclasses.replace(scfg, attention_impl=attention_impl)
     path = None
     if fast:
         path = FastPath(Levels.of() if controller == "dense" else Levels.from_grid(grid),

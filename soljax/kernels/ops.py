@@ -1,10 +1,12 @@
-"""Implementation selection for soljax's sparse decode ops: ``impl`` is ``xla`` or ``pallas``.
+"""Implementation selection for soljax's sparse decode ops: ``impl`` is ``xla`` or ``pallas``
+(and ``cpu`` for the attention).
 
 ``xla`` runs the pure-JAX reference of each op, which gathers only the selected pages / channels
 (a real saving when the selection capacity is smaller than the cache or the layer). ``pallas``
 runs the kernel for the backend: Triton on GPU, Mosaic on TPU. On CPU Pallas only runs interpreted
 (``interpret=True``); ``kernel`` then chooses which kernel to interpret (``gpu`` or ``tpu``,
-default ``gpu``), and may also force one on an accelerator.
+default ``gpu``), and may also force one on an accelerator. ``cpu`` runs the attention's C++
+kernel (:mod:`soljax.kernels.quest_attention_cpu`), which reads the pages in place.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from soljax.errors import SoljaxError
 from soljax.kernels import quest_attention, sparse_mlp
 
 IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = IMPLS + ("cpu",)
 KERNELS = ("gpu", "tpu")
 
 
-def check_impl(name: str, impl: str) -> str:
-    if impl not in IMPLS:
-        raise SoljaxError(f"{name} must be one of {IMPLS}, got {impl!r}")
+def check_impl(name: str, impl: str, impls: tuple[str, ...] = IMPLS) -> str:
+    if impl not in impls:
+        raise SoljaxError(f"{name} must be one of {impls}, got {impl!r}")
     return impl
 
 
@@ -41,10 +44,19 @@ def kernel_flavour(interpret: bool, kernel: str | None = None) -> str:
     return "gpu"
 
 
-def quest_decode_attention(*args, page_size: int, impl: str = "xla", interpret: bool = False,
-                           kernel: str | None = None):
-    """Page-sparse decode attention (contract: :mod:`soljax.kernels.quest_attention`)."""
-    if check_impl("attention impl", impl) == "xla":
+def quest_decode_attention(q, k_prefix, v_prefix, *args, page_size: int, impl: str = "xla", interpret: bool = False,
+                           kernel: str | None = None, layer=None):
+    """Page-sparse decode attention (contract: :mod:`soljax.kernels.quest_attention`). ``layer``:
+    the prefix caches hold every layer (``[L, B, M, Hkv, Dh]``) and this one is read (in place by
+    the ``cpu`` kernel, sliced for the others)."""
+    if check_impl("attention impl", impl, ATTENTION_IMPLS) == "cpu":
+        from soljax.kernels.quest_attention_cpu import quest_decode_attention_cpu
+
+        return quest_decode_attention_cpu(q, k_prefix, v_prefix, *args, page_size=page_size, layer=layer)
+    if layer is not None:
+        k_prefix, v_prefix = k_prefix[layer], v_prefix[layer]
+    args = (q, k_prefix, v_prefix, *args)
+    if impl == "xla":
         return quest_attention.quest_decode_attention_reference(*args, page_size=page_size)
     if kernel_flavour(interpret, kernel) == "tpu":
         from soljax.kernels.quest_attention_tpu import quest_decode_attention_tpu as fn

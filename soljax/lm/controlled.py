@@ -38,6 +38,7 @@ from soljax.lm.config import LMConfig
 
 CRITERIA = ("quest", "recency", "relevancy")
 IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = IMPLS + ("cpu",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,11 +47,12 @@ class SparsityConfig:
     ``page_size``, ``sink_tokens`` (Ts) and ``window_tokens`` (Tw) for recency/relevancy and the
     effective-step rule, and the relevancy ``relevancy_tier`` (per_head | per_layer).
 
-    ``attention_impl`` / ``mlp_impl`` (xla | pallas) choose how the decode step runs attention and
-    the MLP: ``xla`` is the masked reference path; ``pallas`` runs the kernels of
+    ``attention_impl`` (xla | pallas | cpu) / ``mlp_impl`` (xla | pallas) choose how the decode step
+    runs attention and the MLP: ``xla`` is the masked reference path; ``pallas`` runs the kernels of
     :mod:`soljax.kernels` (page-sparse attention, needs QUEST; channel-gathered MLP with the
-    fake-quant epilogue), which read only the kept pages and weight rows. ``kernel_interpret`` runs
-    the Pallas kernels interpreted (the only way on CPU)."""
+    fake-quant epilogue), which read only the kept pages and weight rows; ``cpu`` runs the C++
+    page-sparse attention kernel (needs QUEST). ``kernel_interpret`` runs the Pallas kernels
+    interpreted (the only way on CPU)."""
 
     criterion: str = "quest"
     page_size: int = 8
@@ -72,12 +74,12 @@ class SparsityConfig:
                 raise SoljaxError(f"{name} must be a non-negative integer, got {v!r}")
         if self.relevancy_tier not in ("per_head", "per_layer"):
             raise SoljaxError(f"relevancy_tier must be per_head or per_layer, got {self.relevancy_tier!r}")
-        for name in ("attention_impl", "mlp_impl"):
-            if getattr(self, name) not in IMPLS:
-                raise SoljaxError(f"{name} must be one of {IMPLS}, got {getattr(self, name)!r}")
-        if self.attention_impl == "pallas" and self.criterion != "quest":
-            raise SoljaxError(f"attention_impl 'pallas' reads whole QUEST pages: it needs criterion 'quest', "
-                              f"got {self.criterion!r}")
+        for name, impls in (("attention_impl", ATTENTION_IMPLS), ("mlp_impl", IMPLS)):
+            if getattr(self, name) not in impls:
+                raise SoljaxError(f"{name} must be one of {impls}, got {getattr(self, name)!r}")
+        if self.attention_impl != "xla" and self.criterion != "quest":
+            raise SoljaxError(f"attention_impl {self.attention_impl!r} reads whole QUEST pages: it needs criterion "
+                              f"'quest', got {self.criterion!r}")
         if not isinstance(self.kernel_interpret, bool):
             raise SoljaxError(f"kernel_interpret must be true or false, got {self.kernel_interpret!r}")
 
@@ -274,7 +276,8 @@ def controlled_step(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix: S
                     + jnp.einsum("bkhgt,bkthd->bkhgd", probs[..., M:].astype(sv.dtype), sv))
         else:
             attn = kernel_path.page_attention(qg, pk, pv, prefix.lengths, sk, sv, mask_p, mask_s,
-                                              page_size=scfg.page_size, interpret=scfg.kernel_interpret)
+                                              page_size=scfg.page_size, impl=scfg.attention_impl,
+                                              interpret=scfg.kernel_interpret)
         x = x + L.output_proj(lp, attn.reshape(B, K, Hq, Dh), cfg)
         h2 = L.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
         if scfg.mlp_impl == "pallas":

@@ -7,8 +7,9 @@ pages, channels and bits), but it only does the work the chosen levels need. In 
 * **attention**: ``lax.switch`` on the token-keep level. The dense level (kappa = 1) attends every
   valid key with no scoring. A sparse level kappa scores the QUEST pages from the prefix's page
   summaries, takes the union of the pages the query heads of each KV-head group keep, and
-  *gathers only those pages* (:func:`soljax.kernels.ops.quest_decode_attention`, ``impl`` xla or
-  pallas). The gather is sized statically per level: page capacities ``c * n`` for ``c`` in
+  *gathers only those pages* (:func:`soljax.kernels.ops.quest_decode_attention`, ``impl`` xla,
+  pallas or cpu; the cpu kernel reads them in place, and also serves the dense level over every
+  valid page). The gather is sized statically per level: page capacities ``c * n`` for ``c`` in
   :data:`UNION_TIERS` (``n`` = the level's page budget at the longest ``kv_len``, capped at the
   group size ``G``, since a group's union holds at most ``G * n`` pages unless scores tie), the
   smallest tier that holds the union running. A union larger than every tier (ties at the
@@ -67,7 +68,7 @@ def _f32(v) -> float:
 class FastPath:
     """How the fast step runs (static): the ``levels`` that get their own branch, the MLP
     formulation (``mlp``: masked | gather | pallas) and the page-gather implementation
-    (``attention_impl``: xla | pallas, with ``interpret`` for Pallas on CPU)."""
+    (``attention_impl``: xla | pallas | cpu, with ``interpret`` for Pallas on CPU)."""
 
     levels: "Levels"
     mlp: str = "masked"
@@ -77,7 +78,7 @@ class FastPath:
     def __post_init__(self):
         if self.mlp not in MLP_PATHS:
             raise SoljaxError(f"the fast path's mlp must be one of {MLP_PATHS}, got {self.mlp!r}")
-        ops.check_impl("the fast path's attention_impl", self.attention_impl)
+        ops.check_impl("the fast path's attention_impl", self.attention_impl, ops.ATTENTION_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +233,21 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         def suffix_mask(keep_s):  # [B, T, Hq]
             return (keep_s[:, 0] & valid_s).transpose(0, 2, 1)
 
+        def kernel_attention(pages, num, heads, suffix_keep):  # the prefix cache read in place at layer li
+            out = ops.quest_decode_attention(q, prefix.k, prefix.v, prefix_len, sk, sv, suffix_keep, pages, num,
+                                             heads, page_size=ps, impl=path.attention_impl,
+                                             interpret=path.interpret, layer=li)
+            return out.reshape(B, Hq, Dh)
+
         def dense_branch():
-            attn = L.block_diagonal_attention(q[:, 0], [(prefix.k[li], prefix.v[li], valid_p[:, :, None]),
-                                                        (*suffix_kv, valid_s[None, :, None])], mask)
+            if path.attention_impl == "cpu":  # every valid page, for every query head
+                pages = jnp.broadcast_to(jnp.arange(Pp, dtype=jnp.int32), (B, 1, Hkv, Pp))
+                num = jnp.broadcast_to(-(-prefix_len // ps)[:, None, None], (B, 1, Hkv)).astype(jnp.int32)
+                heads = jnp.full((B, 1, Hkv, Pp), (1 << G) - 1, jnp.int32)
+                attn = kernel_attention(pages, num, heads, jnp.broadcast_to(valid_s, (B, 1, Hq, T)))
+            else:
+                attn = L.block_diagonal_attention(q[:, 0], [(prefix.k[li], prefix.v[li], valid_p[:, :, None]),
+                                                            (*suffix_kv, valid_s[None, :, None])], mask)
             return attn, jnp.broadcast_to(kv_len[:, None], (B, Hq)).astype(jnp.int32)
 
         def masked_branch():  # any kappa: the masked path's keys, every key scored
@@ -249,10 +262,7 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
             if path.attention_impl == "xla":
                 return _gather_attention(q[:, 0], prefix.k, prefix.v, li, prefix_len, *suffix_kv, suffix_mask(keep_s),
                                          pages[:, 0], num[:, 0], heads[:, 0], ps)
-            out = ops.quest_decode_attention(q, prefix.k[li], prefix.v[li], prefix_len, sk, sv, keep_s & valid_s,
-                                             pages, num, heads, page_size=ps, impl=path.attention_impl,
-                                             interpret=path.interpret)
-            return out.reshape(B, Hq, Dh)
+            return kernel_attention(pages, num, heads, keep_s & valid_s)
 
         def sparse_branch(level: float):
             caps = union_capacities(level, kv_max, Pp, ps, G)

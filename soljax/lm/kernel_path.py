@@ -1,4 +1,5 @@
-"""The kernel path of the controlled decode step (``attention_impl`` / ``mlp_impl`` = ``pallas``).
+"""The kernel path of the controlled decode step (``attention_impl`` = ``pallas`` or ``cpu``,
+``mlp_impl`` = ``pallas``).
 
 Given the same keep decisions as the masked XLA path, these run the page-sparse attention and the
 channel-sparse MLP of :mod:`soljax.kernels`, which read only the selected KV pages and the kept
@@ -17,7 +18,7 @@ from soljax.kernels.sparse_mlp import union_channels
 
 
 def page_attention(q_bkhgd, k_prefix, v_prefix, prefix_len, k_suffix, v_suffix, mask_p, mask_s, *,
-                   page_size: int, interpret: bool, kernel: str | None = None) -> jax.Array:
+                   page_size: int, interpret: bool, impl: str = "pallas", kernel: str | None = None) -> jax.Array:
     """Attention of one layer from QUEST keep masks, reading only the kept prefix pages.
 
     ``q_bkhgd [B, K, Hkv, G, Dh]``; ``k_prefix``/``v_prefix [B, M, Hkv, Dh]``; ``k_suffix``/
@@ -34,7 +35,7 @@ def page_attention(q_bkhgd, k_prefix, v_prefix, prefix_len, k_suffix, v_suffix, 
     out = ops.quest_decode_attention(
         q_bkhgd.reshape(B, K, Hq, Dh), k_prefix, v_prefix, prefix_len, k_suffix, v_suffix,
         jnp.broadcast_to(mask_s, (B, K, Hkv, G, T)).reshape(B, K, Hq, T), pages, num, heads,
-        page_size=page_size, impl="pallas", interpret=interpret, kernel=kernel)
+        page_size=page_size, impl=impl, interpret=interpret, kernel=kernel)
     return out.reshape(B, K, Hkv, G, Dh)
 
 

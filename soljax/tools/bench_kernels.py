@@ -153,12 +153,13 @@ def device_name() -> str:
 
 def bench_kernels(contexts=(4096, 32768), batches=(1, 8), attn_keeps=(0.1, 0.2, 0.5), mlp_keeps=(0.5, 0.8),
                   impls=None, dtype: str | None = None, repeats: int | None = None, progress=None) -> dict:
-    """All rows; ``impls`` default: xla everywhere, plus pallas on a GPU or TPU. ``dtype`` default:
-    bfloat16 on accelerators, float32 on CPU (XLA:CPU computes bfloat16 matmuls slowly)."""
+    """All rows; ``impls`` default: xla and the C++ attention kernel (cpu) on CPU, xla and pallas on a
+    GPU or TPU (``cpu`` has no MLP rows). ``dtype`` default: bfloat16 on accelerators, float32 on CPU
+    (XLA:CPU computes bfloat16 matmuls slowly)."""
     on_cpu = jax.default_backend() == "cpu"
-    impls = tuple(impls or (("xla",) if on_cpu else ("xla", "pallas")))
+    impls = tuple(impls or (("xla", "cpu") if on_cpu else ("xla", "pallas")))
     for impl in impls:
-        ops.check_impl("impl", impl)
+        ops.check_impl("impl", impl, ops.ATTENTION_IMPLS)
     dt = jnp.dtype(dtype or ("float32" if on_cpu else "bfloat16"))
     repeats = repeats or (3 if on_cpu else 20)
     rng = np.random.default_rng(0)
@@ -170,7 +171,7 @@ def bench_kernels(contexts=(4096, 32768), batches=(1, 8), attn_keeps=(0.1, 0.2, 
             rows += bench_attention(context, batch, attn_keeps, impls, dt, repeats, rng)
         if progress:
             progress(f"mlp, batch {batch}")
-        rows += bench_mlp(batch, mlp_keeps, impls, dt, repeats, rng)
+        rows += bench_mlp(batch, mlp_keeps, [i for i in impls if i in ops.IMPLS], dt, repeats, rng)
     return {"device": device_name(), "dtype": dt.name, "rows": rows}
 
 

@@ -167,6 +167,36 @@ class TestQuestAttentionGpuInterpret(QuestAttentionCases, SplitCases):
     interpret = True
 
 
+class TestQuestAttentionCpu(QuestAttentionCases):
+    """The C++ kernel (built on first use with the system's compiler)."""
+
+    def setup_method(self):
+        pass
+
+    def run(self, args, ps):
+        return ops.quest_decode_attention(*args, page_size=ps, impl="cpu")
+
+    def test_bfloat16_matches_reference(self):  # float32 only: a clear error instead
+        args, ps = make_case(SHAPES[0], jnp.bfloat16, seed=2)
+        with pytest.raises(SoljaxError, match="float32"):
+            self.run(args, ps)
+
+    def test_stacked_layers_are_read_in_place_at_a_traced_layer(self):
+        (q, k, v, *rest), ps = make_case(SHAPES[0], jnp.float32, seed=5)
+        # [L, B, M, Hkv, Dh]: other values per layer, NaN (never to be read) in the same slots
+        k_all, v_all = jnp.stack([k, 2.0 * k + 1.0, -k]), jnp.stack([v, v - 1.0, 3.0 * v])
+
+        @jax.jit
+        def each_layer(k_all, v_all):
+            return jax.lax.map(lambda l: ops.quest_decode_attention(q, k_all, v_all, *rest, page_size=ps, impl="cpu",
+                                                                    layer=l), jnp.arange(3))
+
+        got = each_layer(k_all, v_all)
+        for layer in range(3):
+            want = quest_decode_attention_reference(q, k_all[layer], v_all[layer], *rest, page_size=ps)
+            assert_close(got[layer], want, 1e-5)
+
+
 def test_merge_partials_ignores_empty_chunks():
     from soljax.kernels.quest_attention import MASK_VALUE
     from soljax.kernels.quest_attention_gpu import merge_partials

@@ -15,15 +15,15 @@ CFG = LMConfig(vocab_size=61, hidden_size=40, intermediate_size=48, num_layers=2
                num_kv_heads=2, head_dim=16)
 PARAMS = init_params(CFG, jax.random.PRNGKey(0), scale=0.3)
 B, K, M, T = 2, 2, 27, 3
-TOKENS = jax.random.randint(jax.random.PRNGKey(1), (B, M + T), 0, CFG.vocab_size)
+TOKENS = jax.random.randint(jax.random.PRNGKey(1), (B, M + T + 1), 0, CFG.vocab_size)  # up to T + 1 steps
 LENGTHS = jnp.array([M, 18])
 
 
 def _rollout(scfg, controls, step_fn=controlled_step, schedules=K):
     _, prefix = prefill_shared(CFG, scfg, PARAMS, TOKENS[:, :M], LENGTHS)
-    suffix = SuffixCache.empty(CFG, B, schedules, T)
+    suffix = SuffixCache.empty(CFG, B, schedules, len(controls))
     logits, kept = [], []
-    for t in range(T):
+    for t in range(len(controls)):
         step = jnp.broadcast_to(TOKENS[:, M + t][:, None], (B, schedules))
         lg, _, suffix, info = step_fn(CFG, scfg, PARAMS, prefix, suffix, step, controls[t])
         logits.append(lg)
@@ -31,32 +31,35 @@ def _rollout(scfg, controls, step_fn=controlled_step, schedules=K):
     return np.asarray(jnp.stack(logits)), np.asarray(jnp.stack(kept))
 
 
-def test_pallas_step_equals_the_masked_xla_step(controlled=True):
+@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "xla")])
+def test_kernel_step_equals_the_masked_xla_step(attention, mlp, controlled=True):
     rng = np.random.default_rng(0)
     controls = [Controls(kappa=jnp.asarray(rng.choice([0.1, 0.3, 1.0], (B, K)), jnp.float32),
                          rho=jnp.asarray(rng.choice([0.4, 0.7, 1.0], (B, K)), jnp.float32),
                          bits=jnp.asarray(rng.choice([3, 5, 16], (B, K)), jnp.int32))
                 if controlled else None for _ in range(T)]
     xla = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1)
-    pallas = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1, attention_impl="pallas",
-                            mlp_impl="pallas", kernel_interpret=True)
+    kernels = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1, attention_impl=attention,
+                             mlp_impl=mlp, kernel_interpret=True)
     want, kept_want = _rollout(xla, controls)
-    got, kept_got = _rollout(pallas, controls)
+    got, kept_got = _rollout(kernels, controls)
     np.testing.assert_array_equal(kept_got, kept_want)
     if controlled:
         assert (kept_want[-1] < (LENGTHS[:, None, None, None] + T)).any()  # some heads really skipped pages
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-def test_fast_step_on_the_kernels_equals_the_masked_xla_step():
-    """The fast decode path's branches call both kernels (``attention_impl`` pallas, ``mlp`` pallas):
-    rows at different levels, levels changing every step, a dense row and values off the levels."""
-    actions = [[(0.1, 0.4, 3), (0.3, 0.7, 5)], [(1.0, 1.0, 16), (0.1, 0.4, 16)], [(0.2, 0.55, 4), (0.3, 1.0, 3)]]
+@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "masked")])
+def test_fast_step_on_the_kernels_equals_the_masked_xla_step(attention, mlp):
+    """The fast decode path's branches call the kernels (the Pallas attention and MLP, or the C++
+    attention): rows at different levels, levels changing every step, a dense row beside a sparse
+    one, values off the levels, and every row dense."""
+    actions = [[(0.1, 0.4, 3), (0.3, 0.7, 5)], [(1.0, 1.0, 16), (0.1, 0.4, 16)], [(0.2, 0.55, 4), (0.3, 1.0, 3)],
+               [(1.0, 1.0, 16), (1.0, 1.0, 16)]]
     controls = [Controls(*(jnp.asarray(v, dt).reshape(B, 1) for v, dt in
                            zip(zip(*step), (jnp.float32, jnp.float32, jnp.int32)))) for step in actions]
     scfg = SparsityConfig(page_size=4, sink_tokens=1, window_tokens=1)
-    path = FastPath(Levels.of([0.1, 0.3], [0.4, 0.7], [3, 5]), mlp="pallas", attention_impl="pallas",
-                    interpret=True)
+    path = FastPath(Levels.of([0.1, 0.3], [0.4, 0.7], [3, 5]), mlp=mlp, attention_impl=attention, interpret=True)
     want, kept_want = _rollout(scfg, controls, schedules=1)
     got, kept_got = _rollout(scfg, controls, lambda *a: fast_step(a[0], a[1], path, *a[2:]), schedules=1)
     np.testing.assert_array_equal(kept_got, kept_want)
@@ -67,6 +70,7 @@ def test_fast_step_on_the_kernels_equals_the_masked_xla_step():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"attention_impl": "triton"}, "attention_impl"), ({"mlp_impl": "cuda"}, "mlp_impl"),
     ({"attention_impl": "pallas", "criterion": "recency"}, "quest"), ({"kernel_interpret": 1}, "kernel_interpret"),
+    ({"attention_impl": "cpu", "criterion": "relevancy"}, "quest"), ({"mlp_impl": "cpu"}, "mlp_impl"),
 ])
 def test_bad_impl_config(kwargs, needle):
     with pytest.raises(SoljaxError, match=needle):

@@ -38,15 +38,16 @@ def run(tmp_path_factory, word_tokenizer_json):
 
 def test_bench_decode_json_schema_and_speedups(run, capsys, tmp_path):
     argv = ["bench", "decode", "--run", str(run / "run"), "--data", str(run / "text.txt"), "--context", "40",
-            "--tokens", "6", "--targets", "0.5,0.8,0.6;0.2,0.6,0.4", "--masked", "--no-replay", "--json",
-            "--plot", str(tmp_path / "time.png")]
+            "--tokens", "6", "--targets", "0.5,0.8,0.6;0.2,0.6,0.4", "--masked", "--no-replay", "--impl", "cpu",
+            "--json", "--plot", str(tmp_path / "time.png")]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"device", "rows"} and isinstance(result["device"], str)
     rows = result["rows"]
-    methods = {"dense", "fixed", "policy", "fixed-masked", "policy-masked", "fixed-noreplay", "policy-noreplay"}
+    methods = {"dense", "dense-fast", "fixed", "policy", "fixed-masked", "policy-masked", "fixed-noreplay",
+               "policy-noreplay"}
     assert {r["method"] for r in rows} == methods and {r["context"] for r in rows} == {40}
-    assert len(rows) == 1 + 4 * 3
+    assert len(rows) == 2 + 4 * 3
     for r in rows:
         assert set(r) == ROW_KEYS and r["calls"] == 2  # 6 tokens -> two calls of T = 4 after the warm-up
         dense = next(d for d in rows if d["context"] == r["context"] and d["method"] == "dense")
@@ -55,6 +56,9 @@ def test_bench_decode_json_schema_and_speedups(run, capsys, tmp_path):
         assert np.isfinite(r["nll"]) and r["nll"] > 0
     assert all(d["speedup"] == 1.0 and d["target"] is None and d["net_keep"] == 1.0
                for d in rows if d["method"] == "dense")
+    # the dense controller on the C++ kernel's fast path decodes what the dense decoder does
+    dense, dense_fast = (next(r for r in rows if r["method"] == m) for m in ("dense", "dense-fast"))
+    assert dense_fast["net_keep"] == 1.0 and dense_fast["nll"] == pytest.approx(dense["nll"], abs=1e-4)
     # the fast and the masked path decode the same tokens under the same decisions
     for r in rows:
         if r["method"] in ("fixed", "policy"):
