@@ -3,8 +3,9 @@
 A kernel's source is compiled on first use with the system's C++ compiler (``$CXX``, default
 ``g++``) for the machine it runs on (``-O3 -march=native``), against the XLA FFI headers that
 jaxlib ships (``jax.ffi.include_dir()``), into a cache directory (``$SOLJAX_KERNEL_CACHE``, default
-``~/.cache/soljax/kernels``) under a name that hashes the source, the flags, jaxlib's version and
-the processor's features, so a changed source, jaxlib or machine gets its own build. Concurrent
+``~/.cache/soljax/kernels``; a folder under the temporary directory where that cannot be made)
+under a name that hashes the source, the flags, jaxlib's version and the processor's features,
+so a changed source, jaxlib or machine gets its own build. Concurrent
 processes may build the same kernel: each writes its own file and renames it into place.
 """
 
@@ -53,7 +54,13 @@ def build(source: str) -> Path:
     if shutil.which(cxx) is None:
         raise SoljaxError(f"the CPU kernel {source} needs a C++ compiler: {cxx!r} is not on PATH (install g++, "
                           "set $CXX, or use impl 'xla')")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: a per-user folder under the temporary directory
+        out = Path(tempfile.gettempdir()) / f"soljax-kernels-{os.getuid()}" / out.name
+        if out.is_file():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]

@@ -181,6 +181,14 @@ class TestQuestAttentionCpu(QuestAttentionCases):
         with pytest.raises(SoljaxError, match="float32"):
             self.run(args, ps)
 
+    def test_a_missing_compiler_is_a_clear_error(self, tmp_path, monkeypatch):
+        from soljax.kernels import native
+
+        monkeypatch.setenv("SOLJAX_KERNEL_CACHE", str(tmp_path))  # nothing built there yet
+        monkeypatch.setenv("CXX", "no-such-compiler")
+        with pytest.raises(SoljaxError, match="C\\+\\+ compiler"):
+            native.build("quest_attention_cpu.cc")
+
     def test_stacked_layers_are_read_in_place_at_a_traced_layer(self):
         (q, k, v, *rest), ps = make_case(SHAPES[0], jnp.float32, seed=5)
         # [L, B, M, Hkv, Dh]: other values per layer, NaN (never to be read) in the same slots
