@@ -36,6 +36,9 @@ def quest_decode_attention_cpu(q, k_prefix, v_prefix, prefix_len, k_suffix, v_su
     B, K, Hq, Hkv, G, Dh, M, T, NP = check_shapes(q, k_prefix[0], v_prefix[0], prefix_len, k_suffix, v_suffix,
                                                   suffix_mask, pages, num_pages, page_heads, page_size)
     f32, i32 = jnp.float32, jnp.int32
+    if jax.default_backend() != "cpu":
+        raise SoljaxError(f"the CPU attention kernel runs on the CPU (backend is {jax.default_backend()!r}): use "
+                          "impl 'xla' or 'pallas'")
     for name, a in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix)):
         if a.dtype != f32:
             raise SoljaxError(f"the CPU attention kernel reads float32, got {name} in {a.dtype}")
