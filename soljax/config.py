@@ -16,6 +16,7 @@ import yaml
 from soljax.compress.actions import AXES, ActionGrid
 from soljax.control.network import PolicyConfig
 from soljax.errors import SoljaxError
+from soljax.kernels.ops import ATTENTION_IMPLS, IMPLS
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig
 
@@ -140,10 +141,9 @@ class TrainConfig:
                 raise SoljaxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise SoljaxError(f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
-        if self.attention_impl not in ("xla", "pallas", "cpu"):
-            raise SoljaxError(f"config: attention_impl must be xla, pallas or cpu, got {self.attention_impl!r}")
-        if self.mlp_impl not in ("xla", "pallas"):
-            raise SoljaxError(f"config: mlp_impl must be xla or pallas, got {self.mlp_impl!r}")
+        for name, impls in (("attention_impl", ATTENTION_IMPLS), ("mlp_impl", IMPLS)):
+            if getattr(self, name) not in impls:
+                raise SoljaxError(f"config: {name} must be one of {', '.join(impls)}, got {getattr(self, name)!r}")
         if self.attention_impl != "xla" and self.sparsity_criteria != "quest":
             raise SoljaxError(f"config: attention_impl {self.attention_impl} needs sparsity_criteria quest")
         if not isinstance(self.kernel_interpret, bool):

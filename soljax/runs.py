@@ -21,14 +21,14 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 import yaml
 
 from soljax import parallel
 from soljax.config import TrainConfig, action_grid, policy_config, sparsity_config
-from soljax.control import GivenActions, GivenControls, PolicyController, fixed_schedule
+from soljax.control import GivenActions, GivenControls, PolicyController, constant_controls, fixed_schedule
 from soljax.engine import ControlledModel
 from soljax.errors import SoljaxError
-from soljax.lm.controlled import Controls
 from soljax.lm.fast_step import FastPath, Levels
 
 CONTROLLERS = ("policy", "fixed", "dense")
@@ -175,12 +175,10 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         path = FastPath(Levels.of() if controller == "dense" else Levels.from_grid(grid),
                         mlp="pallas" if scfg.mlp_impl == "pallas" else "masked",
                         attention_impl=scfg.attention_impl, interpret=scfg.kernel_interpret)
-    if controller == "dense":
-        def dense(targets):
-            B = len(targets)
-            return Controls(jnp.ones((B, 1, T)), jnp.ones((B, 1, T)), jnp.full((B, 1, T), 16, jnp.int32))
-
-        return ControlledModel(cfg, params, scfg, GivenControls(), dense, T, fast=path, replay=replay)
+    if controller == "dense":  # every row at full usage, whatever its targets
+        dense = constant_controls(T)
+        return ControlledModel(cfg, params, scfg, GivenControls(), lambda targets: dense(np.ones_like(targets)), T,
+                               fast=path, replay=replay)
     if controller == "fixed":
         return ControlledModel(cfg, params, scfg, GivenActions(grid=grid),
                                lambda targets: jnp.asarray(fixed_schedule(grid, targets, T)), T, fast=path,

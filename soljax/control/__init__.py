@@ -12,7 +12,7 @@ Every controller implements :class:`soljax.engine.observe.Controller`.
 
 from soljax.control.baselines import block_phases, bracket, fixed_schedule, random_schedule
 from soljax.control.budget import action_costs, axis_levels, check_guard_targets, within_budget, within_running_budget
-from soljax.control.given import GivenActions, GivenControls, GridController
+from soljax.control.given import GivenActions, GivenControls, GridController, constant_controls
 from soljax.control.heuristics import DriftController, EntropyMarginController
 from soljax.control.network import PolicyConfig, SOLPolicy, init_policy
 from soljax.control.policy import PolicyController

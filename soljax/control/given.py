@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from soljax.compress.actions import ActionGrid
 from soljax.control.registry import register_controller
@@ -56,6 +57,17 @@ class GivenControls:
         controls = Controls(*(a[:, :, obs.t] for a in ctrl_params))
         B, K = obs.tokens.shape
         return controls, jnp.full((B, K), -1, jnp.int32), deterministic_logp(B, K), state
+
+
+def constant_controls(T: int):
+    """``ctrl_params`` of :class:`GivenControls` that hold one usage per row: targets ``[B, 3]``
+    read as (token keep, MLP-input keep, bits / 16) -> :class:`Controls` of ``[B, 1, T]``."""
+    def controls(targets_b3) -> Controls:
+        t = np.asarray(targets_b3, np.float32)
+        per_step = lambda col, dtype: jnp.asarray(np.broadcast_to(col[:, None, None], (len(t), 1, T)), dtype)
+        return Controls(per_step(t[:, 0], jnp.float32), per_step(t[:, 1], jnp.float32),
+                        per_step(np.rint(16 * t[:, 2]), jnp.int32))
+    return controls
 
 
 @register_controller("given_actions")

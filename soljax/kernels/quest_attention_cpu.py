@@ -19,9 +19,7 @@ import jax.numpy as jnp
 
 from soljax.errors import SoljaxError
 from soljax.kernels import native
-from soljax.kernels.quest_attention import check_shapes
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from soljax.kernels.quest_attention import HIGHEST, check_shapes
 
 
 @functools.partial(jax.jit, static_argnames=("page_size", "interpret"))

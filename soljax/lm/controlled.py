@@ -31,14 +31,13 @@ from soljax.compress import attention as sparse
 from soljax.compress.prune import prune_topk
 from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
+from soljax.kernels import ops
 from soljax.lm import kernel_path
 from soljax.lm import layers as L
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
 
 CRITERIA = ("quest", "recency", "relevancy")
-IMPLS = ("xla", "pallas")
-ATTENTION_IMPLS = IMPLS + ("cpu",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,9 +73,8 @@ class SparsityConfig:
                 raise SoljaxError(f"{name} must be a non-negative integer, got {v!r}")
         if self.relevancy_tier not in ("per_head", "per_layer"):
             raise SoljaxError(f"relevancy_tier must be per_head or per_layer, got {self.relevancy_tier!r}")
-        for name, impls in (("attention_impl", ATTENTION_IMPLS), ("mlp_impl", IMPLS)):
-            if getattr(self, name) not in impls:
-                raise SoljaxError(f"{name} must be one of {impls}, got {getattr(self, name)!r}")
+        ops.check_impl("attention_impl", self.attention_impl, ops.ATTENTION_IMPLS)
+        ops.check_impl("mlp_impl", self.mlp_impl)
         if self.attention_impl != "xla" and self.criterion != "quest":
             raise SoljaxError(f"attention_impl {self.attention_impl!r} reads whole QUEST pages: it needs criterion "
                               f"'quest', got {self.criterion!r}")

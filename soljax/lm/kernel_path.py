@@ -18,7 +18,7 @@ from soljax.kernels.sparse_mlp import union_channels
 
 
 def page_attention(q_bkhgd, k_prefix, v_prefix, prefix_len, k_suffix, v_suffix, mask_p, mask_s, *,
-                   page_size: int, interpret: bool, impl: str = "pallas", kernel: str | None = None) -> jax.Array:
+                   page_size: int, impl: str, interpret: bool, kernel: str | None = None) -> jax.Array:
     """Attention of one layer from QUEST keep masks, reading only the kept prefix pages.
 
     ``q_bkhgd [B, K, Hkv, G, Dh]``; ``k_prefix``/``v_prefix [B, M, Hkv, Dh]``; ``k_suffix``/

@@ -47,12 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from soljax.compress.targets import as_targets
-from soljax.control.given import GivenControls
+from soljax.control.given import GivenControls, constant_controls
 from soljax.engine.episodes import ControlledModel, round_up, run_episode, start
 from soljax.errors import SoljaxError
 from soljax.lm import model as lm
 from soljax.lm.config import LMConfig
-from soljax.lm.controlled import Controls, SparsityConfig
+from soljax.lm.controlled import SparsityConfig
 from soljax.lm.fast_step import FastPath, Levels
 from soljax.lm.params import init_params
 from soljax.serve.generate import realized_budget
@@ -222,17 +222,6 @@ def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_C
                         no_replay=no_replay, dense_fast=dense_fast, progress=progress)
 
 
-def constant_controls(T: int):
-    """``ctrl_params`` of :class:`GivenControls` for constant controls: targets ``[B, 3]`` read as
-    (token keep, MLP-input keep, bits / 16) -> :class:`Controls` of ``[B, 1, T]``."""
-    def controls(targets_b3: np.ndarray) -> Controls:
-        t = np.asarray(targets_b3, np.float32)
-        per_step = lambda col, dtype: jnp.asarray(np.broadcast_to(col[:, None, None], (len(t), 1, T)), dtype)
-        return Controls(per_step(t[:, 0], jnp.float32), per_step(t[:, 1], jnp.float32),
-                        per_step(np.rint(16 * t[:, 2]), jnp.int32))
-    return controls
-
-
 def shape_models(cfg: LMConfig, params: dict, targets, impls: Sequence[str] = ("xla",), *, page_size: int = 16,
                  episode_len: int = SHAPE_HORIZON) -> dict[str, ControlledModel]:
     """Constant-controls models on the fast path, one per impl: ``xla`` (page gathers; the MLP
@@ -243,8 +232,6 @@ def shape_models(cfg: LMConfig, params: dict, targets, impls: Sequence[str] = ("
     levels = Levels.of(*zip(*[(t, p, int(np.rint(16 * q))) for t, p, q in targets]))
     models = {}
     for impl in impls:
-        if impl not in ("xla", "pallas", "cpu"):
-            raise SoljaxError(f"unknown impl {impl!r} (expected xla, pallas or cpu)")
         pallas = impl == "pallas"
         scfg = SparsityConfig(page_size=page_size, attention_impl=impl, mlp_impl="pallas" if pallas else "xla",
                               kernel_interpret=pallas and cpu)

@@ -13,7 +13,8 @@ from soljax.control.network import PolicyConfig, init_policy
 from soljax.errors import SoljaxError
 from soljax.lm.checkpoint import save_model
 from soljax.lm.tokenizer import Tokenizer
-from soljax.tools.bench_decode import constant_controls, format_table
+from soljax.control.given import constant_controls
+from soljax.tools.bench_decode import format_table
 from soljax.tools.shapes import shape_config
 
 CFG, PARAMS = tiny_lm(0, scale=0.5, max_position_embeddings=128)
