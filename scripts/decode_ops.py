@@ -1,7 +1,7 @@
 """Op by op: where one serving episode's time goes, from an XLA profiler trace, at batch 1.
 
-    python scripts/decode_ops.py --run runs/demo [--context 8000] [--target 0.2,0.7,0.45]
-                                 [--controller policy] [--top 40] [--out ops.json]
+    python scripts/decode_ops.py --run runs/demo [--context 8000] [--target 0.2,0.7,0.45] [--impl cpu]
+                                 [--controller policy] [--no-replay] [--top 40] [--out ops.json]
 
 On a training run's LM, after a dense prefill of ``context`` tokens of the eval split, it runs one
 episode of T teacher-forced tokens on the serving path (:func:`soljax.engine.episodes.run_episode`
@@ -68,14 +68,17 @@ def main(argv=None) -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--context", type=int, default=8000)
     ap.add_argument("--target", default="0.2,0.7,0.45")
-    ap.add_argument("--controller", default="policy", choices=("policy", "fixed"))
+    ap.add_argument("--controller", default="policy", choices=("policy", "fixed", "dense"))
+    ap.add_argument("--impl", help="the fast path's ops (default: the run's; cpu: the C++ kernels)")
+    ap.add_argument("--no-replay", action="store_true", help="episodes keep their compressed K/V entries")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     cfg, params, tok = load_lm(run_config(args.run))
-    model = controlled_model(cfg, params, args.run, controller=args.controller)
+    model = controlled_model(cfg, params, args.run, controller=args.controller, impl=args.impl,
+                             replay=not args.no_replay)
     T, C = model.episode_len, args.context
     ids = np.asarray(load_token_ids("eval", tok)[: C + T], np.int32)
     state0 = start(cfg, model.scfg, params, jnp.asarray(ids[None, :C]), jnp.asarray([C], jnp.int32),
@@ -87,7 +90,8 @@ def main(argv=None) -> None:
     runs = {
         f"episode: {args.controller} @ {args.target}": (
             lambda s: run_episode(cfg, model.scfg, params, model.controller, ctrl, jnp.asarray(target), s, nexts,
-                                  force, counted, steps=T, fast=model.fast), lambda: state0),
+                                  force, counted, steps=T, fast=model.fast,
+                                  replay=model.replay), lambda: state0),
         "dense decode (the LM's decode_step)": (
             lambda c: dense_chunk(cfg, params, c, inputs, nexts[0]), lambda: state0.cache),
     }

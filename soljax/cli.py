@@ -385,8 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="kernels: batch sizes")
     s.add_argument("--impl", nargs="+", choices=["xla", "pallas", "cpu"],
                    help="kernels: implementations (default: xla, plus pallas on a GPU or TPU; cpu: the C++ "
-                        "attention kernel); decode --shape: the fast path's ops (default xla; pallas: the Pallas "
-                        "kernels, interpreted on CPU; cpu: the C++ attention kernel)")
+                        "kernels); decode --shape: the fast path's ops (default xla; pallas: the Pallas "
+                        "kernels, interpreted on CPU; cpu: the C++ kernels)")
     s.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="kernels and decode --shape: data type (default: bfloat16 on accelerators, float32 on "
                         "CPU); convert: target dtype (default bfloat16)")

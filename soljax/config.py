@@ -16,7 +16,7 @@ import yaml
 from soljax.compress.actions import AXES, ActionGrid
 from soljax.control.network import PolicyConfig
 from soljax.errors import SoljaxError
-from soljax.kernels.ops import ATTENTION_IMPLS, IMPLS
+from soljax.kernels.ops import ATTENTION_IMPLS, MLP_IMPLS
 from soljax.lm.config import LMConfig
 from soljax.lm.controlled import SparsityConfig
 
@@ -141,7 +141,7 @@ class TrainConfig:
                 raise SoljaxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise SoljaxError(f"config: lr_schedule must be constant, cosine or linear, got {self.lr_schedule!r}")
-        for name, impls in (("attention_impl", ATTENTION_IMPLS), ("mlp_impl", IMPLS)):
+        for name, impls in (("attention_impl", ATTENTION_IMPLS), ("mlp_impl", MLP_IMPLS)):
             if getattr(self, name) not in impls:
                 raise SoljaxError(f"config: {name} must be one of {', '.join(impls)}, got {getattr(self, name)!r}")
         if self.attention_impl != "xla" and self.sparsity_criteria != "quest":

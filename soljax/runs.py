@@ -151,7 +151,7 @@ def load_lm_sharded(cfg: TrainConfig, *, model_dir: str | Path | None = None, dt
 
 def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = None, controller: str = "policy",
                      greedy: bool = True, guard: bool = False, fast: bool = True, replay: bool = True,
-                     attention_impl: str | None = None) -> ControlledModel:
+                     impl: str | None = None) -> ControlledModel:
     """The controlled model of a training run on an already loaded LM (``cfg``, ``params``), with
     the run's sparsity settings and horizon: its policy (``controller="policy"``, greedy or sampled
     actions; ``guard``: the targets are hard caps, see :class:`~soljax.control.PolicyController`),
@@ -160,7 +160,8 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
     level of the run's grid, :mod:`soljax.lm.fast_step`), which computes the same as the masked step.
     ``replay``: replay each finished episode densely (the reference's KV refresh; False keeps the
     episode's compressed K/V entries, see :func:`soljax.engine.episodes.run_episode`).
-    ``attention_impl``: overrides the run's (xla | pallas | cpu)."""
+    ``impl``: overrides the run's ``attention_impl`` and ``mlp_impl`` (xla | pallas | cpu: the C++
+    kernels)."""
     if controller not in CONTROLLERS:
         raise SoljaxError(f"unknown controller {controller!r} for a training run (expected one of "
                           f"{', '.join(CONTROLLERS)})")
@@ -168,12 +169,12 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
         raise SoljaxError("the budget guard applies to the policy controller only")
     tcfg = run_config(run_dir)
     grid, T, scfg = action_grid(tcfg), tcfg.rollout_len, sparsity_config(tcfg)
-    if attention_impl is not None:
-        scfg = dataclasses.replace(scfg, attention_impl=attention_impl)
+    if impl is not None:
+        scfg = dataclasses.replace(scfg, attention_impl=impl, mlp_impl=impl)
     path = None
     if fast:
         path = FastPath(Levels.of() if controller == "dense" else Levels.from_grid(grid),
-                        mlp="pallas" if scfg.mlp_impl == "pallas" else "masked",
+                        mlp="masked" if scfg.mlp_impl == "xla" else scfg.mlp_impl,
                         attention_impl=scfg.attention_impl, interpret=scfg.kernel_interpret)
     if controller == "dense":  # every row at full usage, whatever its targets
         dense = constant_controls(T)

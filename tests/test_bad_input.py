@@ -353,3 +353,14 @@ def test_convert_overwrites_a_model_and_fills_an_empty_directory(tiny, tmp_path,
     (tmp_path / "empty").mkdir()
     assert _run(capsys, "convert", "--from", tiny["hf"], "--out", tmp_path / "empty")[0] == 0
     assert (tmp_path / "empty" / "model.json").is_file()
+
+
+def test_extend_with_an_unknown_attention_impl():
+    from soljax.lm import model as lm
+
+    cfg = LMConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                   head_dim=4)
+    cache = lm.KVCache.empty(cfg, 1, 8)
+    with pytest.raises(SoljaxError, match="attention_impl"):
+        lm.extend(cfg, init_params(cfg, jax.random.PRNGKey(0)), cache, np.zeros((1, 2), np.int32),
+                  attention_impl="triton")

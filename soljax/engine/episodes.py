@@ -207,7 +207,8 @@ def run_episode(cfg: LMConfig, scfg: SparsityConfig, params: dict, controller: C
                                                        jnp.arange(T))
     out = EpisodeOut(*(jnp.moveaxis(a, 0, 1) for a in outs))
     if replay:
-        h_last, cache = lm.extend(cfg, params, state.cache, out.inputs)  # dense replay of the episode
+        replay_impl = "cpu" if scfg.attention_impl == "cpu" else "xla"  # the C++ kernel reads the cache in place
+        h_last, cache = lm.extend(cfg, params, state.cache, out.inputs, attention_impl=replay_impl)  # dense replay
         h_last = h_last[:, -1]
     else:  # keep the episode's own entries [L, B, 1, T, ...]
         cache = lm.append(state.cache, carry.suffix.k[:, :, 0], carry.suffix.v[:, :, 0])

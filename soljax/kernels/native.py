@@ -4,8 +4,8 @@ A kernel's source is compiled on first use with the system's C++ compiler (``$CX
 ``g++``) for the machine it runs on (``-O3 -march=native``), against the XLA FFI headers that
 jaxlib ships (``jax.ffi.include_dir()``), into a cache directory (``$SOLJAX_KERNEL_CACHE``, default
 ``~/.cache/soljax/kernels``; a folder under the temporary directory where that cannot be made)
-under a name that hashes the source, the flags, jaxlib's version and the processor's features,
-so a changed source, jaxlib or machine gets its own build. Concurrent
+under a name that hashes the source, the headers beside it, the flags, jaxlib's version and the
+processor's features, so a changed source, jaxlib or machine gets its own build. Concurrent
 processes may build the same kernel: each writes its own file and renames it into place.
 """
 
@@ -26,7 +26,7 @@ import jaxlib
 
 from soljax.errors import SoljaxError
 
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 SOURCES = Path(__file__).parent
 
 
@@ -46,7 +46,8 @@ def build(source: str) -> Path:
     """The shared library of ``soljax/kernels/<source>``, compiled if no cached build matches."""
     src = SOURCES / source
     cxx = os.environ.get("CXX", "g++")
-    parts = [src.read_text(), cxx, *FLAGS, jaxlib.__version__, platform.machine(), _cpu_features()]
+    headers = [h.read_text() for h in sorted(SOURCES.glob("*.h"))]
+    parts = [src.read_text(), *headers, cxx, *FLAGS, jaxlib.__version__, platform.machine(), _cpu_features()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     out = cache_dir() / f"{src.stem}-{key[:16]}.so"
     if out.is_file():

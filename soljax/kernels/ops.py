@@ -1,12 +1,13 @@
-"""Implementation selection for soljax's sparse decode ops: ``impl`` is ``xla`` or ``pallas``
-(and ``cpu`` for the attention).
+"""Implementation selection for soljax's sparse decode ops: ``impl`` is ``xla``, ``pallas`` or ``cpu``.
 
 ``xla`` runs the pure-JAX reference of each op, which gathers only the selected pages / channels
 (a real saving when the selection capacity is smaller than the cache or the layer). ``pallas``
 runs the kernel for the backend: Triton on GPU, Mosaic on TPU. On CPU Pallas only runs interpreted
 (``interpret=True``); ``kernel`` then chooses which kernel to interpret (``gpu`` or ``tpu``,
-default ``gpu``), and may also force one on an accelerator. ``cpu`` runs the attention's C++
-kernel (:mod:`soljax.kernels.quest_attention_cpu`), which reads the pages in place.
+default ``gpu``), and may also force one on an accelerator. ``cpu`` runs the C++ kernels:
+the attention's (:mod:`soljax.kernels.quest_attention_cpu`), which reads the pages in place, and
+the MLP's (:mod:`soljax.kernels.swiglu_cpu`), which reads the weight rows of the kept input
+channels in place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from soljax.errors import SoljaxError
 from soljax.kernels import quest_attention, sparse_mlp
 
 IMPLS = ("xla", "pallas")
-ATTENTION_IMPLS = IMPLS + ("cpu",)
+ATTENTION_IMPLS = MLP_IMPLS = IMPLS + ("cpu",)
 KERNELS = ("gpu", "tpu")
 
 

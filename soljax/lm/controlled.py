@@ -32,6 +32,7 @@ from soljax.compress.prune import prune_topk
 from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
 from soljax.kernels import ops
+from soljax.kernels.swiglu_cpu import swiglu_cpu
 from soljax.lm import kernel_path
 from soljax.lm import layers as L
 from soljax.lm import model as lm
@@ -46,12 +47,13 @@ class SparsityConfig:
     ``page_size``, ``sink_tokens`` (Ts) and ``window_tokens`` (Tw) for recency/relevancy and the
     effective-step rule, and the relevancy ``relevancy_tier`` (per_head | per_layer).
 
-    ``attention_impl`` (xla | pallas | cpu) / ``mlp_impl`` (xla | pallas) choose how the decode step
-    runs attention and the MLP: ``xla`` is the masked reference path; ``pallas`` runs the kernels of
+    ``attention_impl`` / ``mlp_impl`` (xla | pallas | cpu) choose how the decode step runs attention
+    and the MLP: ``xla`` is the masked reference path; ``pallas`` runs the kernels of
     :mod:`soljax.kernels` (page-sparse attention, needs QUEST; channel-gathered MLP with the
     fake-quant epilogue), which read only the kept pages and weight rows; ``cpu`` runs the C++
-    page-sparse attention kernel (needs QUEST). ``kernel_interpret`` runs the Pallas kernels
-    interpreted (the only way on CPU)."""
+    kernels (page-sparse attention, needs QUEST; the MLP reading only the kept input channels' weight
+    rows, then the fake quantizer). ``kernel_interpret`` runs the Pallas kernels interpreted (the
+    only way on CPU)."""
 
     criterion: str = "quest"
     page_size: int = 8
@@ -74,7 +76,7 @@ class SparsityConfig:
         if self.relevancy_tier not in ("per_head", "per_layer"):
             raise SoljaxError(f"relevancy_tier must be per_head or per_layer, got {self.relevancy_tier!r}")
         ops.check_impl("attention_impl", self.attention_impl, ops.ATTENTION_IMPLS)
-        ops.check_impl("mlp_impl", self.mlp_impl)
+        ops.check_impl("mlp_impl", self.mlp_impl, ops.MLP_IMPLS)
         if self.attention_impl != "xla" and self.criterion != "quest":
             raise SoljaxError(f"attention_impl {self.attention_impl!r} reads whole QUEST pages: it needs criterion "
                               f"'quest', got {self.criterion!r}")
@@ -285,7 +287,10 @@ def controlled_step(cfg: LMConfig, scfg: SparsityConfig, params: dict, prefix: S
         else:
             if controls is not None:
                 h2 = prune_topk(h2, rho)
-            out = L.mlp(lp, h2)
+            if scfg.mlp_impl == "cpu":  # the pruned channels' weight rows are never read
+                out = swiglu_cpu(h2.reshape(B * K, -1), lp["w_gate"], lp["w_up"], lp["w_down"]).reshape(h2.shape)
+            else:
+                out = L.mlp(lp, h2)
             if controls is not None:
                 out = fake_quant(out, bits)
         return x + out, (k_new, v_new, kept.astype(jnp.int32))

@@ -22,7 +22,9 @@ pages, channels and bits), but it only does the work the chosen levels need. In 
   ``w_up`` (``mlp="gather"``, statically sized ``ceil(rho * D)`` rows; a tie that keeps more runs
   the masked branch), or runs the Pallas kernels (``mlp="pallas"``: the channel-gathered gate/up
   and the down projection with the fake quantizer as its epilogue, :func:`soljax.lm.kernel_path.sparse_mlp`,
-  for any rho and bits; the dense MLP when both are dense).
+  for any rho and bits; the dense MLP when both are dense), or runs the C++ kernel (``mlp="cpu"``:
+  the pruned input, reading each layer's weights in place and only the kept channels' rows of
+  ``w_gate`` / ``w_up``, :func:`soljax.kernels.swiglu_cpu.swiglu_cpu`).
 * **bits**: ``lax.switch`` on the bits level: 16 skips the quantizer, b < 16 fake-quantizes with
   a static width (fake quantization is a quality control, not a time saving: see
   docs/benchmarks.md).
@@ -50,6 +52,7 @@ from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
 from soljax.kernels import ops
 from soljax.kernels.quest_attention import pages_from_keep
+from soljax.kernels.swiglu_cpu import swiglu_cpu
 from soljax.lm import kernel_path
 from soljax.lm import layers as L
 from soljax.lm import model as lm
@@ -57,7 +60,7 @@ from soljax.lm.config import LMConfig
 from soljax.lm.controlled import Controls, SharedPrefix, SparsityConfig, StepInfo, SuffixCache
 
 UNION_TIERS = (1.0, 1.5, 2.0, 3.0, 4.0)  # page capacities per KV head, in multiples of the level's budget
-MLP_PATHS = ("masked", "gather", "pallas")
+MLP_PATHS = ("masked", "gather", "pallas", "cpu")
 
 
 def _f32(v) -> float:
@@ -67,7 +70,7 @@ def _f32(v) -> float:
 @dataclasses.dataclass(frozen=True)
 class FastPath:
     """How the fast step runs (static): the ``levels`` that get their own branch, the MLP
-    formulation (``mlp``: masked | gather | pallas) and the page-gather implementation
+    formulation (``mlp``: masked | gather | pallas | cpu) and the page-gather implementation
     (``attention_impl``: xla | pallas | cpu, with ``interpret`` for Pallas on CPU)."""
 
     levels: "Levels"
@@ -284,11 +287,16 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
         def mlp_weights():  # the layer's MLP weights, sliced inside the branch that reads them all
             return {n: stacked[n][li] for n in MLP_WEIGHTS}
 
+        def swiglu(x):  # [B, 1, D]
+            if mlp == "cpu":  # the layer's weights read in place, zero (pruned) channels' rows skipped
+                return swiglu_cpu(x[:, 0], *(stacked[n] for n in MLP_WEIGHTS), layer=li)[:, None]
+            return L.mlp(mlp_weights(), x)
+
         def mlp_dense():
-            return L.mlp(mlp_weights(), h2)
+            return swiglu(h2)
 
         def mlp_masked():  # any rho per row
-            return L.mlp(mlp_weights(), prune_topk(h2, rho[:, None]))
+            return swiglu(prune_topk(h2, rho[:, None]))
 
         def mlp_gathered(level: float):
             capacity = int(np.clip(np.ceil(np.float32(level) * np.float32(D)), 1, D))  # prune_counts
@@ -306,7 +314,7 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
                                               interpret=path.interpret)
             dense = (i_rho == len(levels.rho) - 1) & (i_bits == len(levels.bits) - 1)
             return x + jax.lax.cond(dense, mlp_dense, mlp_kernel), (k[:, 0], v[:, 0], kept.astype(jnp.int32))
-        if mlp == "masked":  # every sparse level runs the same computation
+        if mlp in ("masked", "cpu"):  # every sparse level runs the same computation
             out = jax.lax.cond(i_rho == len(levels.rho) - 1, mlp_dense, mlp_masked)
         else:
             mlp_branches = [mlp_dense if lv >= 1.0 else mlp_gathered(lv) for lv in levels.rho]

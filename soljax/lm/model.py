@@ -14,10 +14,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from soljax.errors import SoljaxError
+from soljax.kernels.quest_attention_cpu import dense_extend_attention_cpu
 from soljax.lm import layers as L
 from soljax.lm.config import LMConfig
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+EXTEND_IMPLS = ("xla", "cpu")
 
 
 @jax.tree_util.register_dataclass
@@ -56,30 +59,38 @@ def logits(cfg: LMConfig, params: dict, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b, cache):
+def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b, cache, attention_impl: str = "xla"):
     """Runs all layers on new tokens, attending to ``cache`` (if given) and causally to themselves.
 
-    ``lengths_b``: how many of the T new tokens of each row are real.
+    ``lengths_b``: how many of the T new tokens of each row are real. ``attention_impl="cpu"``:
+    T > 1 new tokens attend the cache through the C++ kernel, which reads each layer's cache in
+    place (:func:`soljax.kernels.quest_attention_cpu.dense_extend_attention_cpu`).
 
     Returns final-norm hidden states ``[B, T, D]`` and the new keys/values ``[L, B, T, Hkv, Dh]``.
     """
     inv_freq = L.rope_inv_freq(cfg)
     x = embed(params, tokens_bt)
-    new_mask = _causal_valid(lengths_b, tokens_bt.shape[1])[:, None, None]  # [B, 1, 1, T, T]
+    B, T = tokens_bt.shape
+    new_mask = _causal_valid(lengths_b, T)[:, None, None]  # [B, 1, 1, T, T]
     if cache is not None:
         S = cache.capacity
         cache_valid = jnp.arange(S)[None, :] < cache.lengths[:, None]  # [B, S]
         cache_mask = cache_valid[:, None, None, None, :]
-        one_new = tokens_bt.shape[1] == 1  # decoding: each row's one query reads its cache in place
-        layer_xs = (params["layers"], cache.k, cache.v)
+        one_new = T == 1  # decoding: each row's one query reads its cache in place
+        in_place = attention_impl == "cpu" and not one_new  # the kernel indexes the whole cache by layer
+        layer_xs = (params["layers"], *((jnp.arange(cfg.num_layers), None) if in_place else (cache.k, cache.v)))
     else:
+        in_place = False
         layer_xs = (params["layers"], None, None)
 
     def layer(x, xs):
         lp, ck, cv = xs
         h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = L.project_qkv(lp, h, positions_bt, cfg, inv_freq)
-        if ck is None:
+        if in_place:  # ck: the layer index into the whole cache
+            new = jnp.broadcast_to(new_mask[:, 0, 0, :, None, :], (B, T, cfg.num_heads, T))
+            attn = dense_extend_attention_cpu(q, cache.k, cache.v, cache.lengths, k, v, new, layer=ck)
+        elif ck is None:
             attn = L.causal_self_attention(q, k, v, lengths_b, MASK_VALUE)
         elif one_new:
             attn = L.one_query_attention(q[:, 0], k[:, 0], v[:, 0], ck, cv, cache_valid, lengths_b > 0,
@@ -147,19 +158,23 @@ def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array) -> KVCache:
     return _write(cache, k_new, v_new, positions, jnp.ones((B, T), bool))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="attention_impl", donate_argnums=2)
 def extend(cfg: LMConfig, params: dict, cache: KVCache, tokens_bt: jax.Array,
-           num_new_b: jax.Array | None = None):
+           num_new_b: jax.Array | None = None, *, attention_impl: str = "xla"):
     """Appends up to T tokens per row to a cache (row b takes its first ``num_new_b[b]`` tokens).
 
     Returns ``(h [B, T, D], cache)``. New tokens attend to the row's cached positions and causally
     to each other; positions continue from ``cache.lengths``. The caller must keep
-    ``lengths + num_new <= capacity``: entries past the capacity are dropped.
+    ``lengths + num_new <= capacity``: entries past the capacity are dropped. ``attention_impl``:
+    ``xla``, or ``cpu`` (float32 on the CPU: the C++ kernel reads the cache in place, each page
+    once for all T tokens).
     """
+    if attention_impl not in EXTEND_IMPLS:
+        raise SoljaxError(f"extend's attention_impl must be one of {EXTEND_IMPLS}, got {attention_impl!r}")
     B, T = tokens_bt.shape
     num_new_b = jnp.full((B,), T, jnp.int32) if num_new_b is None else num_new_b
     positions = cache.lengths[:, None] + jnp.arange(T)[None, :]
-    h, k, v = _run_layers(cfg, params, tokens_bt, positions, num_new_b, cache)
+    h, k, v = _run_layers(cfg, params, tokens_bt, positions, num_new_b, cache, attention_impl)
     valid = jnp.arange(T)[None, :] < num_new_b[:, None]
     return h, _write(cache, k, v, positions, valid)
 

@@ -14,9 +14,9 @@ or on the masked step for the ``*-masked`` methods (``masked=True``), or without
 for the ``*-noreplay`` methods (``no_replay=True``: the cache keeps each episode's compressed
 entries). Every timing includes everything the serving loop does per token: the controller's step
 (observation, hidden state, policy network), the LM step, the episode's page summaries and, unless
-skipped, its dense replay. With an ``attention_impl`` override (``--impl``, e.g. ``cpu``: the
-C++ kernel) the fast path runs that attention, and ``dense-fast`` adds the dense controller on that
-fast path without replay, i.e. the dense decoder of that attention.
+skipped, its dense replay. With an ``impl`` override (``--impl``, e.g. ``cpu``: the C++ kernels
+for attention, MLP and replay) the fast path runs those ops, and ``dense-fast`` adds the dense
+controller on that fast path without replay, i.e. the dense decoder of those ops.
 
 Timing: each compiled call decodes T tokens (one episode, or T dense steps); its wall time / T is
 one sample of ms per token. The methods take turns, call by call (each on its own copy of the
@@ -203,10 +203,11 @@ def bench_decode(models: dict[str, ControlledModel], ids: np.ndarray, *, context
 def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_CONTEXTS, tokens: int = 64,
                      targets=DEFAULT_TARGETS, data: str = "eval", methods: Sequence[str] = ("fixed", "policy"),
                      masked: bool = False, no_replay: bool = False, model_dir: str | Path | None = None,
-                     attention_impl: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+                     impl: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """:func:`bench_decode` of a training run's LM, fixed schedule and policy on ``data`` (a split
-    or a text file). ``attention_impl``: overrides the run's (e.g. ``cpu``, the C++ kernel); the
-    dense controller on that fast path (without replay) is then timed too, as ``dense-fast``."""
+    or a text file). ``impl``: overrides the run's attention and MLP implementations (e.g. ``cpu``,
+    the C++ kernels); the dense controller on that fast path (without replay) is then timed too, as
+    ``dense-fast``."""
     from soljax.data.blocks import load_token_ids
     from soljax.runs import controlled_model, load_lm, run_config
 
@@ -214,9 +215,9 @@ def run_bench_decode(run_dir: str | Path, *, contexts: Sequence[int] = DEFAULT_C
     if unknown:
         raise SoljaxError(f"unknown bench decode method(s) {sorted(unknown)} (expected fixed, policy)")
     cfg, params, tok = load_lm(run_config(run_dir), model_dir=model_dir)
-    models = {m: controlled_model(cfg, params, run_dir, controller=m, attention_impl=attention_impl) for m in methods}
-    dense_fast = None if attention_impl is None else controlled_model(
-        cfg, params, run_dir, controller="dense", replay=False, attention_impl=attention_impl)
+    models = {m: controlled_model(cfg, params, run_dir, controller=m, impl=impl) for m in methods}
+    dense_fast = None if impl is None else controlled_model(cfg, params, run_dir, controller="dense", replay=False,
+                                                            impl=impl)
     ids = load_token_ids(data, tok)
     return bench_decode(models, ids, contexts=contexts, tokens=tokens, targets=targets, masked=masked,
                         no_replay=no_replay, dense_fast=dense_fast, progress=progress)
@@ -226,17 +227,15 @@ def shape_models(cfg: LMConfig, params: dict, targets, impls: Sequence[str] = ("
                  episode_len: int = SHAPE_HORIZON) -> dict[str, ControlledModel]:
     """Constant-controls models on the fast path, one per impl: ``xla`` (page gathers; the MLP
     gathers its kept rows on accelerators and stays masked on CPU, where gathers cost more than
-    they save), ``pallas`` (both Pallas kernels; interpreted on CPU) or ``cpu`` (the C++ attention
-    kernel, the MLP as for xla)."""
+    they save), ``pallas`` (both Pallas kernels; interpreted on CPU) or ``cpu`` (the C++ kernels)."""
     cpu = jax.default_backend() == "cpu"
     levels = Levels.of(*zip(*[(t, p, int(np.rint(16 * q))) for t, p, q in targets]))
     models = {}
     for impl in impls:
         pallas = impl == "pallas"
-        scfg = SparsityConfig(page_size=page_size, attention_impl=impl, mlp_impl="pallas" if pallas else "xla",
-                              kernel_interpret=pallas and cpu)
-        path = FastPath(levels, mlp="pallas" if pallas else "masked" if cpu else "gather", attention_impl=impl,
-                        interpret=scfg.kernel_interpret)
+        scfg = SparsityConfig(page_size=page_size, attention_impl=impl, mlp_impl=impl, kernel_interpret=pallas and cpu)
+        mlp = impl if impl != "xla" else "masked" if cpu else "gather"
+        path = FastPath(levels, mlp=mlp, attention_impl=impl, interpret=scfg.kernel_interpret)
         models[f"fast-{impl}"] = ControlledModel(cfg, params, scfg, GivenControls(), constant_controls(episode_len),
                                                  episode_len, fast=path)
     return models
@@ -298,10 +297,10 @@ def bench_decode_cli(args, say) -> None:
     else:
         targets = parse_targets(args.targets) if args.targets else DEFAULT_TARGETS
         if args.impl and len(args.impl) > 1:
-            raise SoljaxError("bench decode --run takes one --impl (the attention's, for the fast path)")
+            raise SoljaxError("bench decode --run takes one --impl (the fast path's ops)")
         result = run_bench_decode(args.run, contexts=tuple(args.context or DEFAULT_CONTEXTS), tokens=args.tokens,
                                   targets=targets, data=args.data, masked=args.masked, no_replay=args.no_replay,
-                                  attention_impl=args.impl[0] if args.impl else None, progress=say)
+                                  impl=args.impl[0] if args.impl else None, progress=say)
     print(json.dumps(result) if args.json else format_table(result))
     if args.plot:
         plot_decode_time(result["rows"], Path(args.plot))

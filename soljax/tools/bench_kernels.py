@@ -140,6 +140,32 @@ def bench_mlp(batch: int, keeps, impls, dtype, repeats: int, rng) -> list[dict]:
     return rows
 
 
+def bench_swiglu(batch: int, keeps, repeats: int, rng) -> list[dict]:
+    """The whole SwiGLU (gate, up, down) in float32: XLA's dense matmuls (``xla``, keep 1) and the
+    C++ kernel (``cpu``) on the dense and on pruned inputs, whose pruned channels' gate/up rows it
+    skips; weights stacked as one layer of ``[1, D, F]`` / ``[1, F, D]``."""
+    from soljax.kernels.swiglu_cpu import swiglu_cpu
+
+    D, F = MLP_DIMS
+    f32 = jnp.float32
+    x = jnp.asarray(rng.standard_normal((batch, D), np.float32))
+    wg, wu = (jnp.asarray(0.02 * rng.standard_normal((1, D, F), np.float32)) for _ in range(2))
+    wd = jnp.asarray(0.02 * rng.standard_normal((1, F, D), np.float32))
+    dense_bytes = 3 * D * F * 4
+    xla_s = _seconds(jax.jit(lambda x, g, u, d: (jax.nn.silu(x @ g[0]) * (x @ u[0])) @ d[0]), (x, wg, wu, wd), repeats)
+    rows = [_row("swiglu", "xla", 1.0, None, batch, xla_s, dense_bytes, 1.0, 1.0)]
+    kernel = jax.jit(lambda x, g, u, d: swiglu_cpu(x, g, u, d, layer=0))
+    dense_s = _seconds(kernel, (x, wg, wu, wd), repeats)
+    rows.append(_row("swiglu", "cpu", 1.0, None, batch, dense_s, dense_bytes, 1.0, 1.0))
+    for keep in keeps:
+        mask = prune_mask(x, jnp.full((batch,), keep, f32))
+        n = int(mask.any(0).sum())
+        s = _seconds(kernel, (jnp.where(mask, x, 0), wg, wu, wd), repeats)
+        nbytes = (2 * n + D) * F * 4
+        rows.append(_row("swiglu", "cpu", keep, None, batch, s, nbytes, dense_bytes / nbytes, dense_s / s))
+    return rows
+
+
 def _row(op, impl, keep, context, batch, seconds, nbytes, ideal, speedup) -> dict:
     return {"op": op, "impl": impl, "keep": keep, "context": context, "batch": batch, "seconds": seconds,
             "bytes": int(nbytes), "ideal_speedup": float(ideal), "speedup": float(speedup)}
@@ -153,8 +179,9 @@ def device_name() -> str:
 
 def bench_kernels(contexts=(4096, 32768), batches=(1, 8), attn_keeps=(0.1, 0.2, 0.5), mlp_keeps=(0.5, 0.8),
                   impls=None, dtype: str | None = None, repeats: int | None = None, progress=None) -> dict:
-    """All rows; ``impls`` default: xla and the C++ attention kernel (cpu) on CPU, xla and pallas on a
-    GPU or TPU (``cpu`` has no MLP rows). ``dtype`` default: bfloat16 on accelerators, float32 on CPU
+    """All rows; ``impls`` default: xla and the C++ kernels (cpu) on CPU, xla and pallas on a GPU or
+    TPU. ``cpu`` adds ``swiglu`` rows (the whole MLP, the C++ kernel beside XLA's dense one; float32)
+    instead of the gate/up ``mlp`` rows. ``dtype`` default: bfloat16 on accelerators, float32 on CPU
     (XLA:CPU computes bfloat16 matmuls slowly)."""
     on_cpu = jax.default_backend() == "cpu"
     impls = tuple(impls or (("xla", "cpu") if on_cpu else ("xla", "pallas")))
@@ -172,6 +199,10 @@ def bench_kernels(contexts=(4096, 32768), batches=(1, 8), attn_keeps=(0.1, 0.2, 
         if progress:
             progress(f"mlp, batch {batch}")
         rows += bench_mlp(batch, mlp_keeps, [i for i in impls if i in ops.IMPLS], dt, repeats, rng)
+        if "cpu" in impls and dt == jnp.float32:
+            if progress:
+                progress(f"swiglu, batch {batch}")
+            rows += bench_swiglu(batch, mlp_keeps, repeats, rng)
     return {"device": device_name(), "dtype": dt.name, "rows": rows}
 
 

@@ -189,6 +189,12 @@ class TestQuestAttentionCpu(QuestAttentionCases):
         with pytest.raises(SoljaxError, match="C\\+\\+ compiler"):
             native.build("quest_attention_cpu.cc")
 
+    def test_a_large_group_over_long_pages_matches_reference(self):
+        """Eight query heads per KV head take the transposed-block loop, over pages longer than a
+        block (two blocks per page, the second partial)."""
+        args, ps = make_case((2, 1, 8, 1, 16, 90, 3, 40, (90, 57)), jnp.float32, seed=7)
+        assert_close(self.run(args, ps), quest_decode_attention_reference(*args, page_size=ps), 1e-5)
+
     def test_stacked_layers_are_read_in_place_at_a_traced_layer(self):
         (q, k, v, *rest), ps = make_case(SHAPES[0], jnp.float32, seed=5)
         # [L, B, M, Hkv, Dh]: other values per layer, NaN (never to be read) in the same slots
@@ -203,6 +209,46 @@ class TestQuestAttentionCpu(QuestAttentionCases):
         for layer in range(3):
             want = quest_decode_attention_reference(q, k_all[layer], v_all[layer], *rest, page_size=ps)
             assert_close(got[layer], want, 1e-5)
+
+
+@pytest.mark.parametrize("Hq, Hkv, Dh", [(6, 2, 16), (4, 4, 12), (8, 1, 64)])
+def test_a_dense_extension_reads_every_cache_entry_once_for_all_queries(Hq, Hkv, Dh):
+    """``dense_extend_attention_cpu`` (shared page lists: one pass over the cache for T queries)
+    against float64 NumPy: rows of different cache lengths (one empty, one a full cache whose length
+    is no multiple of the page), stacked layers read at a traced index, NaN past each row's length,
+    padded queries that attend nothing get zeros; Dh off the vector width takes the scalar loops."""
+    from soljax.kernels.quest_attention_cpu import dense_extend_attention_cpu
+
+    rng = np.random.default_rng(Hq + Dh)
+    L, B, M, T = 2, 3, 77, 5
+    lengths, num_new = np.array([77, 0, 40]), np.array([5, 3, 1])
+    k = rng.standard_normal((L, B, M, Hkv, Dh)).astype(np.float32)
+    v = rng.standard_normal((L, B, M, Hkv, Dh)).astype(np.float32)
+    past = np.arange(M)[None, :, None, None] >= lengths[:, None, None, None]
+    k[:, past[..., 0, 0]], v[:, past[..., 0, 0]] = np.nan, np.nan
+    q = rng.standard_normal((B, T, Hq, Dh)).astype(np.float32)
+    kn, vn = (rng.standard_normal((B, T, Hkv, Dh)).astype(np.float32) for _ in range(2))
+    causal = (np.arange(T)[None, :, None] >= np.arange(T)[None, None, :]) & (np.arange(T) < num_new[:, None, None])
+    mask = np.broadcast_to(causal[:, :, None, :], (B, T, Hq, T)).copy()
+    mask[1, 2:] = False  # padded queries of the empty row: nothing to attend
+
+    got = jax.jit(lambda l: dense_extend_attention_cpu(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                       jnp.asarray(lengths, jnp.int32), jnp.asarray(kn),
+                                                       jnp.asarray(vn), jnp.asarray(mask), layer=l))(1)
+    G = Hq // Hkv
+    want = np.zeros((B, T, Hq, Dh))
+    for b in range(B):
+        keys = np.concatenate([k[1, b, :lengths[b]], kn[b]]).astype(np.float64)  # [S + T, Hkv, Dh]
+        vals = np.concatenate([v[1, b, :lengths[b]], vn[b]]).astype(np.float64)
+        for t in range(T):
+            for h in range(Hq):
+                seen = np.concatenate([np.ones(lengths[b], bool), mask[b, t, h]])
+                if not seen.any():
+                    continue
+                lg = keys[seen, h // G] @ q[b, t, h].astype(np.float64) / np.sqrt(Dh)
+                p = np.exp(lg - lg.max())
+                want[b, t, h] = p @ vals[seen, h // G] / p.sum()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
 def test_merge_partials_ignores_empty_chunks():

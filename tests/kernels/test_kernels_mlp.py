@@ -110,3 +110,41 @@ class TestSparseMlpTpu(SparseMlpCases):
 class TestSparseMlpTpuInterpret(SparseMlpCases):
     kernel = "tpu"
     interpret = True
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 40, 36, (1.0, 0.5, 1.0))])
+def test_cpu_swiglu_reads_only_kept_rows_of_stacked_weights(shape):
+    """The C++ MLP kernel on a pruned input equals the dense SwiGLU; the gate/up rows of channels no
+    row keeps are NaN (never read), other layers of the stack differ, the layer index is traced;
+    float64 NumPy is the reference. F = 36 takes the scalar tail of the vector loops."""
+    from soljax.errors import SoljaxError
+    from soljax.kernels.swiglu_cpu import swiglu_cpu
+
+    xp, wg, wu, _, _ = gate_up_case(shape, jnp.float32, seed=3)
+    R, D, F, _ = shape
+    wd = jnp.asarray(0.3 * np.random.default_rng(4).standard_normal((F, D)), jnp.float32)
+    stack = [jnp.stack([w * 2.0 + 1.0, w, -w]) for w in (wg, wu, wd)]  # layer 1 is the case's
+    got = jax.jit(lambda l: swiglu_cpu(xp, *stack, layer=l))(1)
+    x64, g64, u64, d64 = (np.nan_to_num(np.asarray(a, np.float64)) for a in (xp, wg, wu, wd))
+    g, u = x64 @ g64, x64 @ u64
+    want = (g / (1.0 + np.exp(-g)) * u) @ d64
+    assert_close(got, want, 1e-5)
+    with pytest.raises(SoljaxError, match="float32"):
+        swiglu_cpu(xp.astype(jnp.bfloat16), wg, wu, wd)
+    with pytest.raises(SoljaxError, match="w_down has shape"):
+        swiglu_cpu(xp, wg, wu, wd.T)
+
+
+def test_cpu_swiglu_of_many_rows_runs_xla():
+    """Beyond MAX_ROWS rows the same function computes with XLA's matmuls (the kernel would stream
+    the weights once per 64 rows, far slower); the result is the same SwiGLU."""
+    from soljax.kernels.swiglu_cpu import MAX_ROWS, swiglu_cpu
+
+    rng = np.random.default_rng(5)
+    D, F = 24, 40
+    x = jnp.asarray(rng.standard_normal((MAX_ROWS + 3, D)), jnp.float32)
+    wg, wu = (jnp.asarray(rng.standard_normal((2, D, F)), jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.standard_normal((2, F, D)), jnp.float32)
+    want = swiglu_cpu(x[:MAX_ROWS], wg, wu, wd, layer=1)  # the kernel
+    got = swiglu_cpu(x, wg, wu, wd, layer=1)
+    assert_close(got[:MAX_ROWS], want, 1e-5)

@@ -31,7 +31,7 @@ def _rollout(scfg, controls, step_fn=controlled_step, schedules=K):
     return np.asarray(jnp.stack(logits)), np.asarray(jnp.stack(kept))
 
 
-@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "xla")])
+@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "xla"), ("cpu", "cpu")])
 def test_kernel_step_equals_the_masked_xla_step(attention, mlp, controlled=True):
     rng = np.random.default_rng(0)
     controls = [Controls(kappa=jnp.asarray(rng.choice([0.1, 0.3, 1.0], (B, K)), jnp.float32),
@@ -49,7 +49,7 @@ def test_kernel_step_equals_the_masked_xla_step(attention, mlp, controlled=True)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "masked")])
+@pytest.mark.parametrize("attention, mlp", [("pallas", "pallas"), ("cpu", "cpu")])
 def test_fast_step_on_the_kernels_equals_the_masked_xla_step(attention, mlp):
     """The fast decode path's branches call the kernels (the Pallas attention and MLP, or the C++
     attention): rows at different levels, levels changing every step, a dense row beside a sparse
@@ -70,7 +70,7 @@ def test_fast_step_on_the_kernels_equals_the_masked_xla_step(attention, mlp):
 @pytest.mark.parametrize("kwargs, needle", [
     ({"attention_impl": "triton"}, "attention_impl"), ({"mlp_impl": "cuda"}, "mlp_impl"),
     ({"attention_impl": "pallas", "criterion": "recency"}, "quest"), ({"kernel_interpret": 1}, "kernel_interpret"),
-    ({"attention_impl": "cpu", "criterion": "relevancy"}, "quest"), ({"mlp_impl": "cpu"}, "mlp_impl"),
+    ({"attention_impl": "cpu", "criterion": "relevancy"}, "quest"),
 ])
 def test_bad_impl_config(kwargs, needle):
     with pytest.raises(SoljaxError, match=needle):

@@ -169,7 +169,8 @@ def test_prefill_then_decode_matches_full_forward(variant):
     assert np.asarray(cache.lengths).tolist() == (lengths + SEQ - PROMPT).tolist()
 
 
-def test_extend_with_mixed_new_counts(variant):
+@pytest.mark.parametrize("impl", ["xla", "cpu"])  # cpu: the C++ kernel reads the cache in place
+def test_extend_with_mixed_new_counts(variant, impl):
     cfg, params, ref = variant.cfg, variant.params, variant.ref
     done = np.array([20, 11, 5], np.int32)
     _, cache = variant.prefill(done)
@@ -178,7 +179,7 @@ def test_extend_with_mixed_new_counts(variant):
         idx = np.minimum(done[:, None] + np.arange(6)[None, :], SEQ - 1)
         chunk = np.where(np.arange(6)[None, :] < num_new[:, None], variant.tokens[rows[:, None], idx],
                          variant.junk[:, :6])
-        h, cache = lm.extend(cfg, params, cache, jnp.asarray(chunk), jnp.asarray(num_new))
+        h, cache = lm.extend(cfg, params, cache, jnp.asarray(chunk), jnp.asarray(num_new), attention_impl=impl)
         got = np.asarray(lm.logits(cfg, params, h))
         for b in rows:
             k = num_new[b]
@@ -189,7 +190,8 @@ def test_extend_with_mixed_new_counts(variant):
     assert max_diff(step_logits, ref[rows, done]) <= TOL
     # extend without num_new (all rows take every token) continues the same sequences
     h, cache = lm.extend(cfg, params, cache, jnp.asarray(variant.tokens[rows[:, None], done[:, None] + 1
-                                                                        + np.arange(6)[None, :]]))
+                                                                        + np.arange(6)[None, :]]),
+                         attention_impl=impl)
     assert max_diff(lm.logits(cfg, params, h), ref[rows[:, None], done[:, None] + 1 + np.arange(6)]) <= TOL
 
 

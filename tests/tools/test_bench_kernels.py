@@ -1,4 +1,4 @@
-"""``soljax bench kernels``: the rows' schema, and the C++ attention kernel's rows beside XLA's."""
+"""``soljax bench kernels``: the rows' schema, and the C++ kernels' rows beside XLA's."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_bench_kernels_rows_per_impl(capsys):
     assert result["dtype"] == "float32"
     rows = {(r["op"], r["impl"], r["keep"]) for r in result["rows"]}
     attention = {("attention", i, k) for i in ("xla", "cpu") for k in (1.0, 0.1, 0.2, 0.5)}
-    assert rows == attention | {("mlp", "xla", k) for k in (1.0, 0.5, 0.8)}  # the C++ kernel has no MLP op
+    swiglu = {("swiglu", "xla", 1.0)} | {("swiglu", "cpu", k) for k in (1.0, 0.5, 0.8)}  # the C++ MLP: the whole op
+    assert rows == attention | {("mlp", "xla", k) for k in (1.0, 0.5, 0.8)} | swiglu
     for r in result["rows"]:
         assert r["seconds"] > 0 and r["bytes"] > 0 and r["ideal_speedup"] >= 1.0
         if r["keep"] < 1:
