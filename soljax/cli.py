@@ -127,7 +127,7 @@ def _generate_controlled(args) -> None:
     targets = parse_target(args.targets)
     model, tok = load_controlled(args.policy, model_dir=args.model, dtype=args.dtype, step=args.step,
                                  controller=args.controller or "policy", greedy=not args.sample_actions,
-                                 guard=args.guard, replay=not args.no_replay)
+                                 guard=args.guard, replay=not args.no_replay, impl=args.impl)
     prompts = args.prompt or [DEMO_PROMPT]
     start = time.perf_counter()
     report = policy_generation_report(model, tok, prompts, args.max_new_tokens, targets,
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dense log-probability of both, and both decoders' time per token (each generates twice: the "
                    "first run compiles)")
     s.add_argument("--no-replay", action="store_true", help=NO_REPLAY_HELP)
+    s.add_argument("--impl", choices=["xla", "pallas", "cpu"], help="with --policy: the decode ops' implementation "
+                   "(default: the run's attention_impl and mlp_impl; cpu: the C++ kernels, float32 on the CPU)")
     s.add_argument("--json", action="store_true", help="print the report as JSON (with --policy)")
     s.set_defaults(fn=cmd_generate)
 

@@ -198,10 +198,10 @@ def controlled_model(cfg, params, run_dir: str | Path, *, step: int | None = Non
 
 def load_controlled(run_dir: str | Path, *, model_dir: str | Path | None = None, dtype: str | None = None,
                     step: int | None = None, controller: str = "policy", greedy: bool = True, guard: bool = False,
-                    fast: bool = True, replay: bool = True):
+                    fast: bool = True, replay: bool = True, impl: str | None = None):
     """``(ControlledModel, tokenizer)`` of a training run: its LM (``model_dir``, default the run's
     own model, on every local device: see :func:`load_lm_sharded`) and its policy, fixed baseline or
-    dense model (see :func:`controlled_model`)."""
+    dense model (see :func:`controlled_model`, also for ``impl``)."""
     cfg, params, tok = load_lm_sharded(run_config(run_dir), model_dir=model_dir, dtype=dtype)
     return controlled_model(cfg, params, run_dir, step=step, controller=controller, greedy=greedy,
-                            guard=guard, fast=fast, replay=replay), tok
+                            guard=guard, fast=fast, replay=replay, impl=impl), tok

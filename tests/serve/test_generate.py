@@ -399,3 +399,22 @@ def test_cli_generate_policy_flags_need_a_run(policy_run, tmp_path, capsys):
     assert "--targets needs --policy" in capsys.readouterr().err
     assert cli.main(["generate", "--model", str(policy_run / "model"), "--guard"]) == 2
     assert "--guard needs --policy" in capsys.readouterr().err
+
+
+def test_cli_generate_on_the_cpu_kernels_decodes_what_the_xla_path_does(policy_run, capsys):
+    """``--impl cpu``: the C++ attention and MLP kernels in every step and the kernel's dense replay
+    give the same tokens, budgets and log-probabilities (the fixed schedule at 16 bits: no rounding
+    boundary to flip); scored over several episodes, so the replayed cache is read."""
+    argv = ["generate", "--policy", str(policy_run / "run"), "--controller", "fixed", "--targets", "0.5,0.6,16",
+            "--prompt", "w5 w9 w3 w1 w2 w8 w8 w4 w11", "--max-new-tokens", "12", "--json"]
+    reports = []
+    for impl in ("xla", "cpu"):
+        assert cli.main(argv + ["--impl", impl]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    xla, cpu = reports
+    assert cpu["samples"][0]["controlled"]["text"] == xla["samples"][0]["controlled"]["text"]
+    assert cpu["budget"] == pytest.approx(xla["budget"]) and xla["budget"]["token"] < 0.9  # really sparse
+    (want, got) = (score_continuations(load_controlled(policy_run / "run", controller="fixed", impl=impl)[0],
+                                       [PROMPTS5[0]], [list(range(3, 17))], (0.5, 0.6, 1.0))[0]
+                   for impl in ("xla", "cpu"))
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)
