@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 from soljax.errors import SoljaxError
@@ -71,6 +72,15 @@ def build(source: str) -> Path:
         raise SoljaxError(f"building the CPU kernel {source} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
     os.replace(tmp, out)
     return out
+
+
+def check_inputs(kernel: str, other_impls: str, **arrays) -> None:
+    """A CPU kernel's preconditions, as clear errors: the CPU backend and float32 ``arrays``."""
+    if jax.default_backend() != "cpu":
+        raise SoljaxError(f"the {kernel} runs on the CPU (backend is {jax.default_backend()!r}): use {other_impls}")
+    for name, a in arrays.items():
+        if a.dtype != jnp.float32:
+            raise SoljaxError(f"the {kernel} reads float32, got {name} in {a.dtype}")
 
 
 @functools.cache

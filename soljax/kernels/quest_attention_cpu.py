@@ -20,22 +20,27 @@ import math
 import jax
 import jax.numpy as jnp
 
-from soljax.errors import SoljaxError
 from soljax.kernels import native
 from soljax.kernels.quest_attention import HIGHEST, check_shapes
 
 EXTEND_PAGE = 32  # keys per online-softmax step of a dense extension (a page's K and V rows stay in L1)
 
 
+def every_page(lengths_b, capacity: int, num_kv_heads: int, group: int, page_size: int):
+    """Page lists ``[B, 1, Hkv, P]`` (shared by a row's queries) that read every valid cache entry
+    (``lengths_b [B]`` of ``capacity``) for every query head: ``(pages, num_pages, page_heads)``."""
+    B = lengths_b.shape[0]
+    P = -(-capacity // page_size)
+    pages = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, 1, num_kv_heads, P))
+    num = jnp.broadcast_to((-(-lengths_b // page_size)).astype(jnp.int32)[:, None, None], (B, 1, num_kv_heads))
+    heads = jnp.full((B, 1, num_kv_heads, P), (1 << group) - 1, jnp.int32)
+    return pages, num, heads
+
+
 def _prefix_part(q, k_prefix, v_prefix, layer, prefix_len, pages, num_pages, page_heads, page_size: int):
     """The kernel: ``(out [B, K, Hq, Dh], lse [B, K, Hq])`` over the listed pages of caches
     ``[L, B, M, Hkv, Dh]`` at ``layer``; lists ``[B, K or 1, Hkv, NP]`` (1: shared by the K queries)."""
-    if jax.default_backend() != "cpu":
-        raise SoljaxError(f"the CPU attention kernel runs on the CPU (backend is {jax.default_backend()!r}): use "
-                          "impl 'xla' or 'pallas'")
-    for name, a in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix)):
-        if a.dtype != jnp.float32:
-            raise SoljaxError(f"the CPU attention kernel reads float32, got {name} in {a.dtype}")
+    native.check_inputs("CPU attention kernel", "impl 'xla' or 'pallas'", q=q, k_prefix=k_prefix, v_prefix=v_prefix)
     B, K, Hq, Dh = q.shape
     i32 = jnp.int32
     target = native.register("quest_attention_cpu.cc", "soljax_quest_decode_attention_cpu")
@@ -92,11 +97,8 @@ def dense_extend_attention_cpu(q_bthd, k_cache, v_cache, cache_len, k_new, v_new
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     B, T, Hq, Dh = q_bthd.shape
     _, _, M, Hkv, _ = k_cache.shape
-    P = -(-M // EXTEND_PAGE)
-    pages = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, 1, Hkv, P))
-    num = jnp.broadcast_to((-(-cache_len // EXTEND_PAGE)).astype(jnp.int32)[:, None, None], (B, 1, Hkv))
-    heads = jnp.full((B, 1, Hkv, P), (1 << (Hq // Hkv)) - 1, jnp.int32)
-    out_p, lse_p = _prefix_part(q_bthd, k_cache, v_cache, layer, cache_len, pages, num, heads, EXTEND_PAGE)
+    lists = every_page(cache_len, M, Hkv, Hq // Hkv, EXTEND_PAGE)
+    out_p, lse_p = _prefix_part(q_bthd, k_cache, v_cache, layer, cache_len, *lists, EXTEND_PAGE)
     shared = (B, T) + k_new.shape[1:]  # every query reads the same new keys
     return _merge_suffix(q_bthd, out_p, lse_p, jnp.broadcast_to(k_new[:, None], shared),
                          jnp.broadcast_to(v_new[:, None], shared), new_mask)

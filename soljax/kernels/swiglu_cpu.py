@@ -28,12 +28,8 @@ def swiglu_cpu(x_nd: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.
     ``layer`` None. More than :data:`MAX_ROWS` rows run XLA's matmuls instead."""
     if layer is None:
         w_gate, w_up, w_down, layer = w_gate[None], w_up[None], w_down[None], 0
-    if jax.default_backend() != "cpu":
-        raise SoljaxError(f"the CPU MLP kernel runs on the CPU (backend is {jax.default_backend()!r}): use "
-                          "mlp_impl 'xla' or 'pallas'")
-    for name, a in (("x", x_nd), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if a.dtype != jnp.float32:
-            raise SoljaxError(f"the CPU MLP kernel reads float32, got {name} in {a.dtype}")
+    native.check_inputs("CPU MLP kernel", "mlp_impl 'xla' or 'pallas'", x=x_nd, w_gate=w_gate, w_up=w_up,
+                        w_down=w_down)
     N, D = x_nd.shape
     L, _, F = w_gate.shape
     for name, a, shape in (("w_gate", w_gate, (L, D, F)), ("w_up", w_up, (L, D, F)), ("w_down", w_down, (L, F, D))):

@@ -52,6 +52,7 @@ from soljax.compress.quant import fake_quant
 from soljax.errors import SoljaxError
 from soljax.kernels import ops
 from soljax.kernels.quest_attention import pages_from_keep
+from soljax.kernels.quest_attention_cpu import every_page
 from soljax.kernels.swiglu_cpu import swiglu_cpu
 from soljax.lm import kernel_path
 from soljax.lm import layers as L
@@ -244,10 +245,8 @@ def fast_step(cfg: LMConfig, scfg: SparsityConfig, path: FastPath, params: dict,
 
         def dense_branch():
             if path.attention_impl == "cpu":  # every valid page, for every query head
-                pages = jnp.broadcast_to(jnp.arange(Pp, dtype=jnp.int32), (B, 1, Hkv, Pp))
-                num = jnp.broadcast_to(-(-prefix_len // ps)[:, None, None], (B, 1, Hkv)).astype(jnp.int32)
-                heads = jnp.full((B, 1, Hkv, Pp), (1 << G) - 1, jnp.int32)
-                attn = kernel_attention(pages, num, heads, jnp.broadcast_to(valid_s, (B, 1, Hq, T)))
+                attn = kernel_attention(*every_page(prefix_len, M, Hkv, G, ps),
+                                        jnp.broadcast_to(valid_s, (B, 1, Hq, T)))
             else:
                 attn = L.block_diagonal_attention(q[:, 0], [(prefix.k[li], prefix.v[li], valid_p[:, :, None]),
                                                             (*suffix_kv, valid_s[None, :, None])], mask)
