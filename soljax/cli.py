@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from soljax.errors import SoljaxError
+from soljax.errors import SoljaxError, Terminated
 
 from soljax.tools import paper_eval
 from soljax.tools.demo import SAMPLE_PROMPT as DEMO_PROMPT
@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"soljax: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("soljax: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("soljax: interrupted", file=sys.stderr)
         return 130

@@ -72,14 +72,15 @@ _STYLE = {  # method -> (colour, marker)
 }
 
 
-def pareto_front(points: list[dict]) -> list[dict]:
-    """The points not dominated in (net keep lower, perplexity lower), by increasing net keep."""
-    pts = sorted(points, key=lambda p: (p["net_keep"], p["ppl"]))
+def pareto_front(points: list[dict], x: str = "net_keep", y: str = "ppl") -> list[dict]:
+    """The points not dominated in (``x`` lower, ``y`` lower), by increasing ``x`` (default: net
+    keep and perplexity)."""
+    pts = sorted(points, key=lambda p: (p[x], p[y]))
     front, best = [], math.inf
     for p in pts:
-        if p["ppl"] < best:
+        if p[y] < best:
             front.append(p)
-            best = p["ppl"]
+            best = p[y]
     return front
 
 
@@ -187,7 +188,8 @@ def plot_passage(passage: dict, out_path: Path, max_blocks: int = 3) -> Path:
 
 def plot_decode_time(rows: list[dict], out_path: Path) -> Path | None:
     """NLL against milliseconds per token (``soljax bench decode`` rows), one panel per context:
-    each controlled method's points joined in order of time (its front in time), dense as a star."""
+    each controlled method's points, its front in time as a line (the points no faster point of
+    the method beats in NLL), each point labelled with its net keep; dense as a star."""
     if not rows:
         return None
     plt = _pyplot()
@@ -196,9 +198,12 @@ def plot_decode_time(rows: list[dict], out_path: Path) -> Path | None:
     for ax, context in zip(axes[0], contexts):
         here = [r for r in rows if r["context"] == context]
         for method in sorted({r["method"] for r in here} - {"dense"}):
-            pts = sorted((r for r in here if r["method"] == method), key=lambda r: r["ms_per_token"])
+            pts = [r for r in here if r["method"] == method]
             colour, marker = _STYLE.get(method.split("-")[0], ("tab:gray", "o"))
-            ax.plot([r["ms_per_token"] for r in pts], [r["nll"] for r in pts], color=colour, marker=marker,
+            ax.scatter([r["ms_per_token"] for r in pts], [r["nll"] for r in pts], color=colour, marker=marker,
+                       s=22, alpha=0.45)
+            front = pareto_front(pts, "ms_per_token", "nll")
+            ax.plot([r["ms_per_token"] for r in front], [r["nll"] for r in front], color=colour, marker=marker,
                     linestyle={"masked": "--", "noreplay": ":"}.get(method.partition("-")[2], "-"), label=method)
             for r in pts:
                 ax.annotate(f"{r['net_keep']:.2f}", (r["ms_per_token"], r["nll"]), textcoords="offset points",

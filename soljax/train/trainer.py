@@ -11,10 +11,10 @@ optimizer steps and their (mostly on-policy) ratios.
 
 The whole training state (policy, optimizer, gradient accumulator, buffer, data position, RNG) is
 one pytree, checkpointed with orbax every ``checkpoint_every`` optimizer updates, at the end and
-on interruption; ``--resume`` continues exactly where a run stopped, on the same or another mesh.
-After a kill (even SIGKILL, even during a checkpoint write) it continues from the last committed
-checkpoint and redoes the batches since, bit for bit as if never stopped (see
-:mod:`soljax.train.writer`).
+on interruption (Ctrl-C, or SIGTERM from a preempted VM or a scheduler); ``--resume`` continues
+exactly where a run stopped, on the same or another mesh. After a kill (even SIGKILL, even during a
+checkpoint write) it continues from the last committed checkpoint and redoes the batches since, bit
+for bit as if never stopped (see :mod:`soljax.train.writer`).
 
 On several devices or hosts (``mesh_data``/``mesh_model``, ``distributed``; see
 :mod:`soljax.parallel` and ``docs/scaleout.md``) the same two compiled steps run with explicit
@@ -23,8 +23,11 @@ input and output shardings; on one device they run exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,7 +44,7 @@ from soljax.control import PolicyController, SOLPolicy, init_policy
 from soljax.distributions import entropy_categorical, kl_categorical, log_prob
 from soljax.engine import episode_usage, rollout
 from soljax.engine.observe import NUM_SCALARS
-from soljax.errors import SoljaxError
+from soljax.errors import SoljaxError, Terminated
 from soljax.runs import load_lm
 from soljax.train.objective import GRPOConfig, compute_advantages, ppo_loss
 from soljax.train.state import Buffer, TrainState
@@ -310,25 +313,45 @@ class Trainer:
         last_ckpt = int(state.updates)
         with writer.progress(total=self.num_batches, initial=first, enabled=progress) as bar:
             try:
-                while int(state.batch) < self.num_batches:
-                    state, metrics = self.train_step(state)
-                    writer.log(metrics)
-                    bar.update(1)
-                    bar.set_postfix(upd=metrics["updates"], pen=f"{metrics['penalty_mean']:.3f}",
-                                    rew=f"{metrics['reward_mean']:.2f}", refresh=False)
-                    if int(state.updates) - last_ckpt >= self.cfg.checkpoint_every:
-                        writer.save(state)
-                        last_ckpt = int(state.updates)
-                    if on_batch is not None:
-                        on_batch(state, metrics)
-            except KeyboardInterrupt:
+                with _sigterm_stops():
+                    while int(state.batch) < self.num_batches:
+                        state, metrics = self.train_step(state)
+                        writer.log(metrics)
+                        bar.update(1)
+                        bar.set_postfix(upd=metrics["updates"], pen=f"{metrics['penalty_mean']:.3f}",
+                                        rew=f"{metrics['reward_mean']:.2f}", refresh=False)
+                        if int(state.updates) - last_ckpt >= self.cfg.checkpoint_every:
+                            writer.save(state)
+                            last_ckpt = int(state.updates)
+                        if on_batch is not None:
+                            on_batch(state, metrics)
+            except KeyboardInterrupt as stop:
                 writer.save(state)
                 bar.close()
-                print(f"\nsoljax: interrupted; state saved at batch {int(state.batch)} "
+                how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+                print(f"\nsoljax: {how}; state saved at batch {int(state.batch)} "
                       f"(continue with --resume)", file=sys.stderr)
                 raise
         writer.save(state, final=True)
         return state
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """Within: SIGTERM raises :class:`~soljax.errors.Terminated` (a KeyboardInterrupt) in the loop,
+    so a preempted or killed run saves its state like Ctrl-C (signal handlers: main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> TrainState:

@@ -11,8 +11,9 @@ batches are redone.
 Test hook: ``SOLJAX_KILL_AT`` (comma-separated points) makes a run stop itself at a chosen point,
 for the kill-and-resume tests: ``batch:N`` sends SIGKILL right after the metrics row of data batch N
 is written, ``interrupt:N`` sends SIGINT there instead (the trainer's Ctrl-C path: it saves the state
-and exits), and ``save:N`` sends SIGKILL while checkpoint N is being written (its files are written,
-it is not committed yet). Unset, it costs nothing.
+and exits), ``terminate:N`` SIGTERM (the same path, as for a preempted job), and ``save:N`` sends
+SIGKILL while checkpoint N is being written (its files are written, it is not committed yet). Unset,
+it costs nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ RESUMABLE_CHANGES = {"max_batches", "checkpoint_every", "keep_checkpoints", "out
                      "shard_policy", "distributed", "coordinator_address", "num_processes", "process_id"}
 
 KILL_AT_ENV = "SOLJAX_KILL_AT"
+_KILL_SIGNALS = {"interrupt": signal.SIGINT, "terminate": signal.SIGTERM}  # other points: SIGKILL
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written (not committed)
 
 
@@ -45,7 +47,7 @@ def kill_point(point: str, n: int) -> None:
     ``point:n``."""
     spec = os.environ.get(KILL_AT_ENV)
     if spec and f"{point}:{n}" in spec.replace(" ", "").split(","):
-        os.kill(os.getpid(), signal.SIGINT if point == "interrupt" else signal.SIGKILL)
+        os.kill(os.getpid(), _KILL_SIGNALS.get(point, signal.SIGKILL))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -174,6 +176,7 @@ class RunWriter:
                     self._tb.add_scalar(k, v, metrics["batch"])
         kill_point("batch", metrics["batch"])
         kill_point("interrupt", metrics["batch"])
+        kill_point("terminate", metrics["batch"])
 
     def progress(self, total: int, initial: int, enabled: bool):
         from tqdm import tqdm

@@ -164,6 +164,8 @@ def test_pareto_targets_and_config_errors():
     pts = [{"net_keep": 0.5, "ppl": 10.0}, {"net_keep": 0.6, "ppl": 11.0}, {"net_keep": 0.7, "ppl": 9.0},
            {"net_keep": 0.4, "ppl": 12.0}]
     assert [p["net_keep"] for p in pareto_front(pts)] == [0.4, 0.5, 0.7]
+    rows = [{"ms_per_token": m, "nll": n} for m, n in ((140, 3.2), (130, 3.3), (135, 3.4), (145, 3.1), (150, 3.1))]
+    assert [r["ms_per_token"] for r in pareto_front(rows, "ms_per_token", "nll")] == [130, 140, 145]
     assert parse_targets("0.5,0.8,0.5; 0.3,0.6,0.3125") == ((0.5, 0.8, 0.5), (0.3, 0.6, 0.3125))
     assert parse_targets("0.5,0.8,8") == ((0.5, 0.8, 0.5),)  # a bit width, as everywhere
     nk = [np.mean(t) for t in default_targets(GRID)]

@@ -85,9 +85,9 @@ KILLS = {
     # SIGKILL while the first checkpoint is written (the resumed run has none: it starts afresh),
     # then while checkpoint 6 is written (resumed from 3); each leaves a torn metrics line too
     "during-checkpoint-writes": ["save:3", "save:6"],
-    # SIGINT after batch 7 (Ctrl-C): the state is saved mid-buffer (batch 7 in it, 2 minibatches
-    # accumulated) and resumed from there
-    "interrupt-mid-buffer": ["interrupt:7"],
+    # SIGTERM after batch 5 (a preempted VM), then SIGINT after batch 7 (Ctrl-C): each time the
+    # state is saved mid-buffer (batch 7: 2 minibatches accumulated) and resumed from there
+    "terminate-then-interrupt-mid-buffer": ["terminate:5", "interrupt:7"],
 }
 
 
@@ -130,8 +130,14 @@ def stopped_runs(tmp_path_factory, word_tokenizer_json):
     kill = {"env": env, "overrides": [f"model={root / 'model'}", f"data={root / 'data.txt'}", *KILL_RUN]}
     proc = _train(kill, root / "reference")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with ThreadPoolExecutor(len(KILLS)) as pool:
-        seen = dict(zip(KILLS, pool.map(lambda s: _stopped_run(kill, root / s, KILLS[s]), KILLS)))
+    # a suite started in the background of a shell ignores SIGINT, and so would its trainers: a
+    # handler here (any) makes them start with the default one, i.e. Ctrl-C raises
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ThreadPoolExecutor(len(KILLS)) as pool:
+            seen = dict(zip(KILLS, pool.map(lambda s: _stopped_run(kill, root / s, KILLS[s]), KILLS)))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     return root, seen
 
 
@@ -152,12 +158,12 @@ def test_killed_training_resumes_bit_for_bit(stopped_runs, scenario):
     *stops, end = seen[scenario]
     for stop in stops:
         kind, n = stop["point"].split(":")
-        want = 130 if kind == "interrupt" else -signal.SIGKILL
+        want = {"interrupt": 130, "terminate": 143}.get(kind, -signal.SIGKILL)
         assert stop["exit"] == want, f"{stop['point']}: exit {stop['exit']}\n{stop['stderr']}"
         assert stop["batches"] == list(range(1, int(n) + 1)), stop["point"]
         if kind == "save":  # killed with checkpoint n written but not committed
             assert f"{n}{TMP}" in stop["checkpoints"] and n not in stop["checkpoints"], stop
-        if kind == "interrupt":  # saved where it stopped
+        if kind in ("interrupt", "terminate"):  # saved where it stopped
             assert n in stop["checkpoints"] and "saved at batch" in stop["stderr"], stop
     assert end["exit"] == 0, end["stderr"]
     assert not [name for name in end["checkpoints"] if TMP in name]
