@@ -22,6 +22,13 @@ from soljax.kernels.quest_attention import HIGHEST
 MAX_ROWS = 8
 
 
+def swiglu_reference(x_nd: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *, layer) -> jax.Array:
+    """The same SwiGLU with XLA's matmuls, on the weights ``[L, D, F]`` / ``[L, F, D]`` at ``layer``."""
+    gate = jnp.dot(x_nd, w_gate[layer], precision=HIGHEST)
+    return jnp.dot(jax.nn.silu(gate) * jnp.dot(x_nd, w_up[layer], precision=HIGHEST), w_down[layer],
+                   precision=HIGHEST)
+
+
 def swiglu_cpu(x_nd: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *, layer=None) -> jax.Array:
     """``down(silu(x @ w_gate) * (x @ w_up))`` -> ``[N, D]``; weights ``[L, D, F]``, ``[L, D, F]``,
     ``[L, F, D]`` read at ``layer`` (a traced index), or one layer's ``[D, F]`` / ``[F, D]`` with
@@ -36,9 +43,7 @@ def swiglu_cpu(x_nd: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.
         if a.shape != shape:
             raise SoljaxError(f"{name} has shape {a.shape}, expected {shape} for x of shape {x_nd.shape}")
     if N > MAX_ROWS:  # many rows: XLA's matmuls (the kernel streams the weights once per 64 rows)
-        gate = jnp.dot(x_nd, w_gate[layer], precision=HIGHEST)
-        return jnp.dot(jax.nn.silu(gate) * jnp.dot(x_nd, w_up[layer], precision=HIGHEST), w_down[layer],
-                       precision=HIGHEST)
+        return swiglu_reference(x_nd, w_gate, w_up, w_down, layer=layer)
     target = native.register("swiglu_cpu.cc", "soljax_swiglu_rows_cpu")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((N, D), jnp.float32))(
         x_nd, w_gate, w_up, w_down, jnp.asarray(layer, jnp.int32).reshape(1))

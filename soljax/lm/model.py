@@ -79,6 +79,8 @@ def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b,
         one_new = T == 1  # decoding: each row's one query reads its cache in place
         in_place = attention_impl == "cpu" and not one_new  # the kernel indexes the whole cache by layer
         layer_xs = (params["layers"], *((jnp.arange(cfg.num_layers), None) if in_place else (cache.k, cache.v)))
+        if in_place:  # [B, T, Hq, T]: query, head, new key
+            new_bthk = jnp.broadcast_to(new_mask[:, 0, 0, :, None, :], (B, T, cfg.num_heads, T))
     else:
         in_place = False
         layer_xs = (params["layers"], None, None)
@@ -88,8 +90,7 @@ def _run_layers(cfg: LMConfig, params: dict, tokens_bt, positions_bt, lengths_b,
         h = L.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q, k, v = L.project_qkv(lp, h, positions_bt, cfg, inv_freq)
         if in_place:  # ck: the layer index into the whole cache
-            new = jnp.broadcast_to(new_mask[:, 0, 0, :, None, :], (B, T, cfg.num_heads, T))
-            attn = dense_extend_attention_cpu(q, cache.k, cache.v, cache.lengths, k, v, new, layer=ck)
+            attn = dense_extend_attention_cpu(q, cache.k, cache.v, cache.lengths, k, v, new_bthk, layer=ck)
         elif ck is None:
             attn = L.causal_self_attention(q, k, v, lengths_b, MASK_VALUE)
         elif one_new:

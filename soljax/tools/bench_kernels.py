@@ -144,7 +144,7 @@ def bench_swiglu(batch: int, keeps, repeats: int, rng) -> list[dict]:
     """The whole SwiGLU (gate, up, down) in float32: XLA's dense matmuls (``xla``, keep 1) and the
     C++ kernel (``cpu``) on the dense and on pruned inputs, whose pruned channels' gate/up rows it
     skips; weights stacked as one layer of ``[1, D, F]`` / ``[1, F, D]``."""
-    from soljax.kernels.swiglu_cpu import swiglu_cpu
+    from soljax.kernels.swiglu_cpu import swiglu_cpu, swiglu_reference
 
     D, F = MLP_DIMS
     f32 = jnp.float32
@@ -152,7 +152,7 @@ def bench_swiglu(batch: int, keeps, repeats: int, rng) -> list[dict]:
     wg, wu = (jnp.asarray(0.02 * rng.standard_normal((1, D, F), np.float32)) for _ in range(2))
     wd = jnp.asarray(0.02 * rng.standard_normal((1, F, D), np.float32))
     dense_bytes = 3 * D * F * 4
-    xla_s = _seconds(jax.jit(lambda x, g, u, d: (jax.nn.silu(x @ g[0]) * (x @ u[0])) @ d[0]), (x, wg, wu, wd), repeats)
+    xla_s = _seconds(jax.jit(lambda x, g, u, d: swiglu_reference(x, g, u, d, layer=0)), (x, wg, wu, wd), repeats)
     rows = [_row("swiglu", "xla", 1.0, None, batch, xla_s, dense_bytes, 1.0, 1.0)]
     kernel = jax.jit(lambda x, g, u, d: swiglu_cpu(x, g, u, d, layer=0))
     dense_s = _seconds(kernel, (x, wg, wu, wd), repeats)
